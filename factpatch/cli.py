@@ -1,0 +1,204 @@
+"""The ``factpatch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+import torch
+
+from factpatch.editing.prompts import continuation_logprobs
+from factpatch.models.loading import DEFAULT_MODEL, ModelHandle, default_device
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled alias, HF folder or .gguf")
+    parser.add_argument(
+        "--device", default=None, help=f"torch device (default: {default_device()})"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (fp32 on CPU)"
+    )
+
+
+def _hparam_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layer", type=int, help="edited layer (default: the model's default)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any ROME hyperparameter, e.g. --set kl_factor=0.5 (repeatable)",
+    )
+    parser.add_argument("--corpus", help="text/JSONL file for covariance statistics")
+
+
+def _hparams(handle: ModelHandle, args: argparse.Namespace):
+    from factpatch.editing import default_hparams
+
+    overrides: dict[str, Any] = {}
+    if args.layer is not None:
+        overrides["layer"] = args.layer
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return default_hparams(handle, **overrides)
+
+
+def _load(args: argparse.Namespace) -> ModelHandle:
+    from factpatch.models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+@torch.no_grad()
+def _top_next(handle: ModelHandle, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"].to(handle.device)
+    probs = torch.softmax(handle.model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)
+    top = probs.topk(k)
+    return [
+        (handle.tokenizer.decode([int(i)]), float(p))
+        for p, i in zip(top.values, top.indices, strict=True)
+    ]
+
+
+@torch.no_grad()
+def _greedy(handle: ModelHandle, prompt: str, n: int = 12) -> str:
+    ids = handle.tokenizer(prompt, return_tensors="pt").to(handle.device)
+    out = handle.model.generate(**ids, max_new_tokens=n, do_sample=False)
+    return handle.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _snapshot(handle: ModelHandle, prompt: str, targets: dict[str, str]) -> dict[str, Any]:
+    pairs = [(prompt, t) for t in targets.values()]
+    logps = continuation_logprobs(handle.model, handle.tokenizer, pairs, handle.device)
+    return {
+        "completion": _greedy(handle, prompt),
+        "top_next": _top_next(handle, prompt),
+        **{f"p_{name}": math.exp(lp) for name, lp in zip(targets, logps, strict=True)},
+    }
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from factpatch.editing import EditRequest, apply_delta, compute_edit
+
+    request = EditRequest.from_prompt(args.prompt, args.subject, args.target, args.old)
+    handle = _load(args)
+    hp = _hparams(handle, args)
+    prompt = request.text
+    old = args.old or _greedy(handle, prompt, 3).strip().split(" ")[0].strip(",.;:")
+    targets = {"target": request.target, "old": old}
+    before = _snapshot(handle, prompt, targets)
+    delta = compute_edit(handle, request, hp, corpus=args.corpus)
+    apply_delta(handle, delta)
+    after = _snapshot(handle, prompt, targets)
+    path, (left, right) = next(iter(delta.factors.items()))
+    report = {
+        "model": handle.name,
+        "prompt": prompt,
+        "target": request.target,
+        "old": old,
+        "module": path,
+        "update_norm": float(left.norm() * right.norm()),
+        "update_ratio": delta.provenance["stats"][0]["update_ratio"],
+        "steps": delta.provenance["stats"][0]["steps"],
+        "seconds": {
+            "setup": delta.provenance["seconds"]["setup"],
+            **delta.provenance["stats"][0]["seconds"],
+            "total": delta.provenance["seconds"]["total"],
+        },
+        "before": before,
+        "after": after,
+    }
+    if args.save:
+        delta.save(args.save)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{prompt!r}: {old!r} -> {request.target!r}  (model {handle.name}, {path})")
+    for label, snap in (("before", before), ("after", after)):
+        print(f"  {label:6} … {snap['completion']!r}")
+        print(f"         P({request.target})={snap['p_target']:.4f}  P({old})={snap['p_old']:.4f}")
+        tops = ", ".join(f"{t!r} {p:.3f}" for t, p in snap["top_next"])
+        print(f"         next: {tops}")
+    print(
+        f"  update ‖ΔW‖={report['update_norm']:.3f} (‖ΔW‖/‖W‖={report['update_ratio']:.3f}), "
+        f"{report['steps']} steps"
+    )
+    print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from factpatch.evaluation.counterfact import evaluate, load_records
+
+    handle = _load(args)
+    hp = _hparams(handle, args)
+    records = load_records(args.data, args.n)
+    evaluation = evaluate(handle, records, hp, corpus=args.corpus, progress=not args.quiet)
+    report = evaluation.report()
+    report.update(model=handle.name, layer=hp.layer, hparams=hp.to_dict(), data=args.data)
+    if args.out:
+        details = [r.__dict__ for r in evaluation.records]
+        with open(args.out, "w") as f:
+            json.dump({"summary": report, "records": details}, f, indent=1)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        u = report["unedited"]
+        print(f"CounterFact, {report['n']} records, model {handle.name}, layer {hp.layer}")
+        for key in ("efficacy", "paraphrase", "neighborhood", "score"):
+            print(f"  {key:13} {report[key]:6.1f}   (unedited {u[key]:6.1f})")
+        print(
+            f"  seconds/edit  mean {report['seconds_per_edit']:.2f}, "
+            f"median {report['median_seconds_per_edit']:.2f}; refused {report['refused']}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factpatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="edit one fact with ROME and show before/after")
+    _model_args(edit)
+    _hparam_args(edit)
+    edit.add_argument("--prompt", required=True, help='e.g. "{} is located in the city of"')
+    edit.add_argument("--subject", required=True)
+    edit.add_argument("--target", required=True, help="the new object, e.g. Rome")
+    edit.add_argument("--old", help="the answer being replaced (default: the model's own)")
+    edit.add_argument("--save", metavar="DIR", help="write the delta (safetensors + JSON)")
+    edit.add_argument("--json", action="store_true")
+    edit.set_defaults(func=cmd_edit)
+
+    evaluate = sub.add_parser("eval", help="evaluate edits on a benchmark")
+    bench = evaluate.add_subparsers(dest="benchmark", required=True)
+    cf = bench.add_parser("counterfact", help="single-edit CounterFact (Meng et al. 2022)")
+    _model_args(cf)
+    _hparam_args(cf)
+    cf.add_argument("--data", required=True, help="CounterFact JSON (flat KnowEdit layout)")
+    cf.add_argument("--n", type=int, help="first N records")
+    cf.add_argument("--json", action="store_true", help="print one JSON object")
+    cf.add_argument("--out", help="also write the per-record results here")
+    cf.add_argument("--quiet", action="store_true", help="no per-record progress")
+    cf.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # bad input: say which field, change nothing
+        print(f"factpatch: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

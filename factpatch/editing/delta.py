@@ -1,0 +1,109 @@
+"""Weight deltas as low-rank factors, and the two ways to put them into a model.
+
+A :class:`Delta` maps module paths to factors ``(left [out, r], right [in, r])`` in float32,
+with ``ΔW = left @ rightᵀ`` in the maths orientation ``W: (out, in)``.  ROME gives r = 1 per
+edit.  Factors are tiny (≈ (out + in)·r floats) and exact to store.
+
+* :func:`apply_delta` adds a delta to live weights in place (quick, but repeated adds and
+  subtracts drift in low precision: use it for experiments, not for versioning).
+* :func:`materialize` computes ``base + Σ deltas`` from a copy of the base tensors, in one fixed
+  order, accumulated in float32 and cast once to the model's dtype.  The same base and the same
+  list of deltas always give bit-identical tensors; this is what versions and rollbacks use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from factpatch.models.loading import ModelHandle
+
+
+@dataclass
+class Delta:
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def dense(self, path: str) -> torch.Tensor:
+        """ΔW for ``path`` as an (out, in) float32 matrix."""
+        left, right = self.factors[path]
+        return left @ right.T
+
+    def rank(self, path: str) -> int:
+        return int(torch.linalg.matrix_rank(self.dense(path)))  # float32 tolerance
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, modules = {}, []
+        for i, (path, (left, right)) in enumerate(sorted(self.factors.items())):
+            tensors[f"{i}.left"] = left.contiguous().cpu()
+            tensors[f"{i}.right"] = right.contiguous().cpu()
+            modules.append(path)
+        save_file(tensors, str(folder / "factors.safetensors"))
+        meta = {"modules": modules, "provenance": self.provenance}
+        (folder / "delta.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Delta:
+        folder = Path(folder)
+        tensors = load_file(str(folder / "factors.safetensors"))
+        meta = json.loads((folder / "delta.json").read_text())
+        factors = {
+            path: (tensors[f"{i}.left"], tensors[f"{i}.right"])
+            for i, path in enumerate(meta["modules"])
+        }
+        return cls(factors, meta["provenance"])
+
+
+def _param(handle: ModelHandle, path: str) -> torch.Tensor:
+    return handle.module(path).weight
+
+
+def _oriented(handle: ModelHandle, update: torch.Tensor) -> torch.Tensor:
+    """(out, in) → the parameter's own layout (GPT-2's Conv1D stores (in, out))."""
+    return update.T if handle.adapter.weight_in_out else update
+
+
+@torch.no_grad()
+def apply_delta(handle: ModelHandle, delta: Delta, alpha: float = 1.0) -> None:
+    """weight += alpha·ΔW for every module in ``delta``, in place (addresses stay valid)."""
+    for path in sorted(delta.factors):
+        weight = _param(handle, path)
+        update = _oriented(handle, delta.dense(path).to(weight.device)) * alpha
+        weight.copy_((weight.float() + update).to(weight.dtype))
+
+
+def base_weights(handle: ModelHandle, paths: list[str]) -> dict[str, torch.Tensor]:
+    """A copy of the current weights of ``paths`` (the only base tensors edits touch)."""
+    return {path: _param(handle, path).detach().clone() for path in sorted(paths)}
+
+
+@torch.no_grad()
+def materialize(
+    handle: ModelHandle, base: dict[str, torch.Tensor], deltas: list[Delta]
+) -> dict[str, torch.Tensor]:
+    """``base + Σ deltas`` per module: float32 accumulation in list order, one cast at the end."""
+    touched = sorted({path for d in deltas for path in d.factors} | set(base))
+    out = {}
+    for path in touched:
+        if path not in base:
+            raise KeyError(f"no base copy of {path}; take base_weights() over every edited module")
+        acc = base[path].float().clone()
+        for delta in deltas:
+            if path in delta.factors:
+                acc += _oriented(handle, delta.dense(path).to(acc.device))
+        out[path] = acc.to(base[path].dtype)
+    return out
+
+
+@torch.no_grad()
+def load_weights(handle: ModelHandle, weights: dict[str, torch.Tensor]) -> None:
+    """Copy materialised tensors into the live parameters, in place."""
+    for path, tensor in weights.items():
+        _param(handle, path).copy_(tensor)

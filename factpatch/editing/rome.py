@@ -1,0 +1,335 @@
+"""ROME: Rank-One Model Editing (Meng, Bau, Andonian, Belinkov; NeurIPS 2022, arXiv 2202.05262).
+
+The MLP output projection W at one layer is read as a key→value memory.  An edit
+
+1. takes the key k̄: the input to W at the subject's last token, averaged over the bare prompt
+   and several context-template prefixes (sec. 3.1);
+2. optimises a vector δ added to W's output at that token, in every prefixed prompt, so that
+   the model assigns the new target high probability (sec. 3.1, eq. 4):
+
+       L(δ) = mean NLL(target | prefix + prompt)                                (rewrite)
+            + kl_factor · KL(P_orig ‖ P_δ) at the subject's last token of "{s} is a"  (essence)
+            + weight_decay · ‖δ‖ / ‖v_init‖²                                    (reference form)
+
+   with Adam, ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after every step, stopping early once the NLL
+   is below ``early_stop_nll``;
+3. inserts the pair (k̄, v* = W k̄ + δ) with the covariance-weighted rank-one update (eq. 2)
+
+       ΔW = (v* − W k̄) (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄) = δ (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄).
+
+``key_mode="averaged"`` uses k̄ in the denominator too (r-ROME, Gupta et al. 2024, arXiv
+2403.07175).  ``key_mode="original"`` reproduces the reference code, whose denominator uses the
+bare prompt's key k₀ instead; when (C⁻¹k̄)ᵀk₀ is small the update explodes ("disabling edits").
+A guard refuses any update whose denominator ratio or norm is out of bounds.
+
+Speed, without changing the maths: the layers below the edited one do not depend on δ, so they
+run once (a capture pass records every block's inputs); each optimisation step runs only the
+blocks from the edited layer up, and the LM head only at the positions the loss reads.
+
+Purity: nothing here writes a weight.  δ enters through a forward hook that acts only in the
+calling thread and is removed afterwards (:mod:`factpatch.models.hooks`), so other threads
+serving the same model see nothing.  Several requests are edited one after another, each on the
+model as changed by the ones before — exactly, without touching weights, by adding the earlier
+rank-one terms ΔW·k to W's output in the hook.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from factpatch.editing.covariance import covariance_solver
+from factpatch.editing.delta import Delta
+from factpatch.editing.hparams import RomeHParams, default_hparams
+from factpatch.editing.prompts import encode, pad_batch
+from factpatch.editing.requests import EditRequest
+from factpatch.editing.templates import context_templates
+from factpatch.models.hooks import StopForward, block_output, run_until_stop, thread_hooks
+from factpatch.models.loading import ModelHandle
+
+ESSENCE_PROMPT = "{} is a"
+
+
+class DegenerateEditError(RuntimeError):
+    """The computed update is unsafe to apply (it would break the model); nothing was changed."""
+
+
+@dataclass
+class EditStats:
+    """What one request's optimisation did; goes into the delta's provenance."""
+
+    steps: int = 0
+    nll_start: float = 0.0
+    nll_end: float = 0.0
+    delta_norm: float = 0.0
+    v_init_norm: float = 0.0
+    denominator_ratio: float = 1.0
+    update_ratio: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def compute_edit(
+    handle: ModelHandle,
+    requests: EditRequest | list[EditRequest],
+    hparams: RomeHParams | None = None,
+    *,
+    corpus: str | None = None,
+    base_version: int = 0,
+) -> Delta:
+    """Compute the ROME delta for one or several requests; never changes the model."""
+    requests = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not requests:
+        raise ValueError("requests: at least one edit is needed")
+    hp = hparams or default_hparams(handle)
+    if not 0 <= hp.layer < handle.n_layers:
+        raise ValueError(f"layer: {hp.layer} is outside 0..{handle.n_layers - 1}")
+    started = time.perf_counter()
+    path = handle.adapter.rewrite_path(hp.layer)
+    weight = handle.rewrite_weight(hp.layer).float()  # (out, in)
+
+    t0 = time.perf_counter()
+    templates = context_templates(handle, [tuple(t) for t in hp.templates], hp.template_seed)
+    solver = covariance_solver(handle, hp.layer, hp.cov_tokens, corpus)
+    setup_seconds = time.perf_counter() - t0
+
+    lefts: list[torch.Tensor] = []  # each [out]
+    rights: list[torch.Tensor] = []  # each [in]
+    all_stats = []
+    for request in requests:
+        prior = (
+            (torch.stack(lefts, 1), torch.stack(rights, 1)) if lefts else None
+        )  # earlier edits of this call, applied on the fly
+        key, bare_key, delta, stats = _optimise(handle, request, hp, templates, prior)
+
+        t0 = time.perf_counter()
+        u = solver.solve(key)  # C⁻¹k̄, float64 [in]
+        den_key = key if hp.key_mode == "averaged" else bare_key
+        denominator = float(u @ den_key.double())
+        stats.denominator_ratio = denominator / float(u @ key.double())
+        left = delta.double() / denominator  # [out]
+        update_norm = float(left.norm() * u.norm())  # ‖left uᵀ‖_F
+        stats.update_ratio = update_norm / float(weight.norm())
+        stats.seconds["solve"] = time.perf_counter() - t0
+        _guard(request, hp, stats, left, u)
+        lefts.append(left.float())
+        rights.append(u.float())
+        all_stats.append(stats)
+
+    factors = {path: (torch.stack(lefts, 1).cpu(), torch.stack(rights, 1).cpu())}
+    provenance: dict[str, Any] = {
+        "method": "rome",
+        "model": handle.name,
+        "model_hash": handle.base_hash,
+        "base_version": base_version,
+        "module": path,
+        "layer": hp.layer,
+        "hparams": hp.to_dict(),
+        "requests": [r.to_dict() for r in requests],
+        "stats": [s.__dict__ for s in all_stats],
+        "covariance": {"n_tokens": solver.n_tokens, "ridge": solver.ridge},
+        "seconds": {"setup": setup_seconds, "total": time.perf_counter() - started},
+    }
+    return Delta(factors, provenance)
+
+
+def _guard(
+    request: EditRequest, hp: RomeHParams, stats: EditStats, left: torch.Tensor, u: torch.Tensor
+) -> None:
+    why = None
+    if not (torch.isfinite(left).all() and torch.isfinite(u).all()):
+        why = "the update has NaN or Inf entries"
+    elif stats.denominator_ratio < hp.min_denominator_ratio:
+        why = (
+            f"the key denominator ratio is {stats.denominator_ratio:.3g} "
+            f"(< {hp.min_denominator_ratio}): the update would explode (a 'disabling edit')"
+        )
+    elif stats.update_ratio > hp.max_update_ratio:
+        why = (
+            f"‖ΔW‖/‖W‖ = {stats.update_ratio:.3g} exceeds {hp.max_update_ratio}: "
+            "the update would overwrite the layer"
+        )
+    if why:
+        raise DegenerateEditError(f"edit refused for subject {request.subject!r}: {why}")
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # [B, T] right-padded
+    subject_pos: torch.Tensor  # [B] last subject token per row
+    nll_rows: torch.Tensor  # [P] row of each target token
+    nll_pos: torch.Tensor  # [P] position that predicts it
+    nll_ids: torch.Tensor  # [P] the target token
+    nll_weight: torch.Tensor  # [P] 1 / (rows · that row's target length): mean over rows
+    kl_row: int
+
+
+def _build_batch(handle: ModelHandle, request: EditRequest, templates: list[str]) -> _Batch:
+    tok = handle.tokenizer
+    rows, subject_pos = [], []
+    nll_rows, nll_pos, nll_ids, nll_weight = [], [], [], []
+    for row, template in enumerate(templates):
+        enc = encode(tok, template.replace("{}", request.prompt), request.subject, request.target)
+        targets = enc.target_ids
+        rows.append(enc.ids[:-1])  # the last target token is predicted, never fed
+        subject_pos.append(enc.subject_last)
+        for j, target_id in enumerate(targets):
+            nll_rows.append(row)
+            nll_pos.append(enc.n_prompt - 1 + j)
+            nll_ids.append(target_id)
+            nll_weight.append(1.0 / (len(templates) * len(targets)))
+    essence = encode(tok, ESSENCE_PROMPT, request.subject)
+    rows.append(essence.ids)
+    subject_pos.append(essence.subject_last)
+    device = handle.device
+    pad = tok.pad_token_id
+    return _Batch(
+        ids=pad_batch(rows, pad, device),
+        subject_pos=torch.tensor(subject_pos, device=device),
+        nll_rows=torch.tensor(nll_rows, device=device),
+        nll_pos=torch.tensor(nll_pos, device=device),
+        nll_ids=torch.tensor(nll_ids, device=device),
+        nll_weight=torch.tensor(nll_weight, device=device),
+        kl_row=len(rows) - 1,
+    )
+
+
+def _optimise(
+    handle: ModelHandle,
+    request: EditRequest,
+    hp: RomeHParams,
+    templates: list[str],
+    prior: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EditStats]:
+    """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32."""
+    stats = EditStats()
+    t0 = time.perf_counter()
+    batch = _build_batch(handle, request, templates)
+    n_rewrite = len(templates)
+    rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
+
+    blocks = handle.module(handle.adapter.blocks)
+    rewrite = handle.rewrite_module(hp.layer)
+    upper = range(hp.layer, handle.n_layers)
+    captured, io = _capture(handle, batch.ids, hp.layer)
+    keys = io["keys"][rows, batch.subject_pos].float()  # [B, in]
+    key = keys[:n_rewrite].mean(0)  # k̄: the bare prompt and every prefix
+    bare_key = keys[0]
+    v_init = io["values"][0, batch.subject_pos[0]].float()  # W's output, bare prompt
+    stats.v_init_norm = float(v_init.norm())
+    # Earlier edits of this call: W's output gains (Σ left rightᵀ) k at every position.
+    prior_out = None
+    if prior is not None:
+        left, right = prior
+        prior_out = (io["keys"].float() @ right.to(keys.device)) @ left.to(keys.device).T
+    stats.seconds["keys"] = time.perf_counter() - t0
+
+    # Optimise δ.
+    t0 = time.perf_counter()
+    dtype = io["values"].dtype
+    at_subject = torch.zeros((*batch.ids.shape, 1), dtype=dtype, device=batch.ids.device)
+    at_subject[rows, batch.subject_pos] = 1.0
+    delta = torch.zeros_like(v_init, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.lr)
+    max_norm = hp.clamp_norm_factor * v_init.norm()
+
+    def add_delta(_module, _args, output):
+        out = output + at_subject * delta.to(dtype)
+        return out if prior_out is None else out + prior_out.to(dtype)
+
+    log_p_orig = None
+    step = 0
+    with thread_hooks(forward=[(rewrite, add_delta)]):
+        for step in range(hp.steps + 1):
+            hidden = _run_blocks(blocks, captured, upper)
+            picked = torch.cat(
+                [
+                    hidden[batch.nll_rows, batch.nll_pos],
+                    hidden[batch.kl_row, batch.subject_pos[-1:]],
+                ]
+            )
+            log_probs = F.log_softmax(_head(handle, picked).float(), dim=-1)
+            token_nll = -log_probs[:-1].gather(1, batch.nll_ids[:, None]).squeeze(1)
+            nll = (token_nll * batch.nll_weight).sum()
+            log_p = log_probs[-1]
+            if log_p_orig is None:
+                log_p_orig = log_p.detach()
+                stats.nll_start = float(nll.detach())
+            kl = F.kl_div(log_p, log_p_orig, log_target=True, reduction="sum")
+            decay = hp.weight_decay * delta.norm() / v_init.norm() ** 2
+            loss = nll + hp.kl_factor * kl + decay
+            stats.nll_end = float(nll.detach())
+            if step == hp.steps or stats.nll_end < hp.early_stop_nll:
+                break
+            (grad,) = torch.autograd.grad(loss, [delta])
+            delta.grad = grad
+            optimiser.step()
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    stats.steps = step
+    stats.delta_norm = float(delta.detach().norm())
+    stats.seconds["optimise"] = time.perf_counter() - t0
+    return key.detach(), bare_key.detach(), delta.detach(), stats
+
+
+@torch.no_grad()
+def _capture(
+    handle: ModelHandle, ids: torch.Tensor, layer: int
+) -> tuple[dict[int, tuple[tuple, dict]], dict[str, torch.Tensor]]:
+    """One forward pass that records the inputs of every block from ``layer`` up, and the
+    rewrite module's input (keys) and output (values) at ``layer``; it stops before the head."""
+    blocks = handle.module(handle.adapter.blocks)
+    captured: dict[int, tuple[tuple, dict]] = {}
+    io: dict[str, torch.Tensor] = {}
+
+    def keep_block_inputs(index: int):
+        def hook(_module, args, kwargs):
+            captured[index] = (args, kwargs)
+
+        return hook
+
+    def keep_rewrite_io(_module, args, output):
+        io["keys"], io["values"] = args[0], output
+
+    def stop(_module, _args, _kwargs):
+        raise StopForward
+
+    with thread_hooks(
+        forward=[(handle.rewrite_module(layer), keep_rewrite_io)],
+        pre=[(blocks[i], keep_block_inputs(i)) for i in range(layer, handle.n_layers)]
+        + [(handle.module(handle.adapter.final_norm), stop)],
+    ):
+        run_until_stop(handle.model, input_ids=ids, use_cache=False)
+    return captured, io
+
+
+def _run_blocks(
+    blocks: Any, captured: dict[int, tuple[tuple, dict]], layers: range
+) -> torch.Tensor:
+    """Run ``blocks[layers]`` from their captured inputs, feeding each one's output upward."""
+    hidden = None
+    for index in layers:
+        args, kwargs = captured[index]
+        if hidden is None:  # the edited layer's own input, as captured
+            out = blocks[index](*args, **kwargs)
+        elif args:
+            out = blocks[index](hidden, *args[1:], **kwargs)
+        else:
+            out = blocks[index](*args, **{**kwargs, "hidden_states": hidden})
+        hidden = block_output(out)
+    return hidden
+
+
+def _head(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + LM head (+ logit soft-capping where the family uses it) on [N, d]."""
+    normed = handle.module(handle.adapter.final_norm)(hidden)
+    logits = handle.module(handle.adapter.head)(normed)
+    cap = getattr(handle.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -1,0 +1,1 @@
+"""Edit-quality evaluation (CounterFact, Meng et al. 2022)."""

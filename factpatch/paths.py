@@ -1,0 +1,16 @@
+"""Where factpatch keeps its caches (converted models, covariance statistics, templates)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$FACTPATCH_CACHE_DIR`` or the user's cache dir, plus ``parts``; created on demand."""
+    root = os.environ.get("FACTPATCH_CACHE_DIR") or platformdirs.user_cache_dir("factpatch")
+    path = Path(root, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

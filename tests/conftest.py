@@ -1,0 +1,153 @@
+"""Shared fixtures: tiny random models of every supported family, and the bundled Gemma."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from factpatch.editing import EditRequest, RomeHParams
+from factpatch.models import ModelHandle, wrap_model
+
+DATA = Path(__file__).parent / "data"
+HIDDEN, FF, LAYERS, HEADS = 64, 128, 4, 4
+
+
+def _config(family: str, vocab: int):
+    # initializer_range 0.1 (not 0.02) so a random model's outputs are not flat, and an edit
+    # has a distribution to move.
+    common = dict(
+        vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1
+    )
+    llama_like = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
+    if family == "gpt2":
+        return GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=256, **common)
+    if family == "gptj":
+        return GPTJConfig(
+            n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=256, rotary_dim=8, **common
+        )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=FF,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=256,
+            **common,
+        )
+    if family == "llama":
+        return LlamaConfig(**llama_like)
+    if family == "mistral":
+        return MistralConfig(**llama_like)
+    if family == "qwen2":
+        return Qwen2Config(**llama_like)
+    if family == "gemma":
+        return GemmaConfig(head_dim=16, **llama_like)
+    if family == "gemma3":
+        return Gemma3TextConfig(head_dim=16, sliding_window=8, **llama_like)
+    raise KeyError(family)
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained here, offline, that prepends <bos> like Gemma/Llama do."""
+    texts = [
+        r[k]
+        for r in json.loads((DATA / "counterfact_val_sample.json").read_text())
+        for k in ("prompt", "rephrase_prompt", "locality_prompt", "target_new", "ground_truth")
+    ]
+    texts += [
+        "The Eiffel Tower is located in the city of Paris. Rome is the capital of Italy.",
+        "A language model stores facts in its MLP layers, which act as key-value memories.",
+    ] * 5
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def build_tiny(family: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> ModelHandle:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family, len(tokenizer)), dtype=torch.float32)
+    return wrap_model(model, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request, tokenizer) -> ModelHandle:
+    return build_tiny(request.param, tokenizer)
+
+
+@pytest.fixture
+def tiny_llama(tokenizer) -> ModelHandle:
+    return build_tiny("llama", tokenizer)
+
+
+@pytest.fixture
+def tiny_hparams() -> RomeHParams:
+    """Small but complete settings: the covariance from 3,000 real Wikipedia tokens.  A random
+    model's MLP outputs are tiny, so the reference weight decay (∝ 1/‖v_init‖²) would pin δ at
+    zero; it is off here, and the clamp is wide."""
+    return RomeHParams(
+        layer=1,
+        steps=12,
+        lr=1.0,
+        weight_decay=0.0,
+        clamp_norm_factor=20.0,
+        templates=((5, 3),),
+        cov_tokens=3000,
+        max_update_ratio=100.0,
+    )
+
+
+@pytest.fixture
+def eiffel() -> EditRequest:
+    return EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch, request):
+    """Tiny models cache under a per-session folder; the bundled model uses the user cache
+    (its one-time conversion and covariance are worth keeping between runs)."""
+    if "real_model" not in request.keywords:
+        monkeypatch.setenv("FACTPATCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
