@@ -192,12 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from factpatch.editing import DegenerateEditError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as err:  # bad input: say which field, change nothing
         print(f"factpatch: error: {err}", file=sys.stderr)
         return 2
+    except DegenerateEditError as err:  # computed, judged unsafe, not applied
+        print(f"factpatch: refused: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from factpatch.corpus import Corpus, load_corpus
+from factpatch.editing.prompts import pad_batch
 from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle
 from factpatch.paths import cache_dir
@@ -108,8 +109,15 @@ def layer_covariances(
     return found
 
 
+# Bump when the way statistics are gathered changes, so stale caches are not reused.
+CACHE_FORMAT = 2
+
+
 def _cache_path(handle: ModelHandle, layer: int, corpus: Corpus, n_tokens: int, max_len: int):
-    name = f"{handle.base_hash[:16]}-L{layer}-{corpus.digest[:12]}-{n_tokens}tok-{max_len}len"
+    name = (
+        f"v{CACHE_FORMAT}-{handle.base_hash[:16]}-L{layer}-{corpus.digest[:12]}"
+        f"-{n_tokens}tok-{max_len}len"
+    )
     return cache_dir("covariance") / f"{name}.safetensors"
 
 
@@ -144,14 +152,11 @@ def _accumulate(
     with thread_hooks(pre=[(modules[layer], capture(layer)) for layer in layers]):
         for first in range(0, len(corpus.texts), batch_size):
             texts = list(corpus.texts[first : first + batch_size])
-            enc = tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-            mask = enc["attention_mask"].to(device).bool()
-            run_until_stop(
-                handle.model,
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=mask.long(),
-                use_cache=False,
-            )
+            rows = tok(texts, truncation=True, max_length=max_len)["input_ids"]
+            ids = pad_batch(rows, tok.pad_token_id, device)  # right padding: no mask needed
+            lengths = torch.tensor([len(r) for r in rows], device=device)
+            mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
+            run_until_stop(handle.model, input_ids=ids, use_cache=False)
             take = min(int(mask.sum()), n_tokens - count)
             for layer in layers:
                 batch_keys = keys[layer][mask][:take].to(torch.float64)  # [n, d_key]

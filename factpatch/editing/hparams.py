@@ -58,4 +58,7 @@ def default_hparams(handle: ModelHandle, **overrides: Any) -> RomeHParams:
     if "templates" in values:
         values["templates"] = tuple(tuple(t) for t in values["templates"])
     values = {k: v for k, v in values.items() if not k.startswith("_")}
+    unknown = set(values) - {f.name for f in fields(RomeHParams)}
+    if unknown:
+        raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
     return RomeHParams(**values)
