@@ -36,7 +36,11 @@ def main() -> None:
         hp = default_hparams(handle, **{**json.loads(args.base), **point})
         started = time.perf_counter()
         report = evaluate(handle, records, hp, progress=False).report()
-        row = {"point": point, "hparams": hp.to_dict(), "wall_seconds": time.perf_counter() - started}
+        row = {
+            "point": point,
+            "hparams": hp.to_dict(),
+            "wall_seconds": time.perf_counter() - started,
+        }
         row.update(report)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
