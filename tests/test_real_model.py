@@ -17,7 +17,9 @@ from tests.conftest import DATA
 
 pytestmark = pytest.mark.real_model
 
-# A CounterFact val record (see tests/data/README.md).
+# CounterFact val case_id 10 ("BBC One, by": BBC -> Sega), the first record of the sample; in the
+# 200-record evaluation it flipped rewrite and paraphrase and kept its neighbour (margins in
+# bench/results/eval_counterfact_val200.json).  See tests/data/README.md for the source.
 RECORD_INDEX = 0
 
 
