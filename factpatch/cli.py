@@ -188,11 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--out", help="also write the per-record results here")
     cf.add_argument("--quiet", action="store_true", help="no per-record progress")
     cf.set_defaults(func=cmd_eval)
+
+    from factpatch.ledger.cli import add_ledger_parser
+
+    add_ledger_parser(sub, _model_args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from factpatch.editing import DegenerateEditError
+    from factpatch.ledger import LedgerError
 
     args = build_parser().parse_args(argv)
     try:
@@ -203,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except DegenerateEditError as err:  # computed, judged unsafe, not applied
         print(f"factpatch: refused: {err}", file=sys.stderr)
         return 3
+    except LedgerError as err:  # stale head, unknown version, corrupt or mismatched data
+        print(f"factpatch: ledger: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Where factpatch keeps its caches (converted models, covariance statistics, templates)."""
+"""Where factpatch keeps its caches (converted models, covariance statistics, templates) and
+its data (the embedded Redis: ledger and queue)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,8 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def default_data_dir() -> Path:
+    """``$FACTPATCH_DATA_DIR`` or the user's data dir (the embedded Redis lives here)."""
+    return Path(os.environ.get("FACTPATCH_DATA_DIR") or platformdirs.user_data_dir("factpatch"))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,10 @@ from transformers import (
     Qwen2Config,
 )
 
-from factpatch.editing import EditRequest, RomeHParams
+from factpatch.editing import Delta, EditRequest, RomeHParams
+from factpatch.ledger import Ledger
 from factpatch.models import ModelHandle, wrap_model
+from factpatch.store import EmbeddedRedis, connect
 
 DATA = Path(__file__).parent / "data"
 HIDDEN, FF, LAYERS, HEADS = 64, 128, 4, 4
@@ -113,6 +118,17 @@ def build_tiny(family: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -
     return wrap_model(model, tokenizer, name=f"tiny-{family}")
 
 
+def random_delta(handle: ModelHandle, seed: int, scale: float = 3.0) -> Delta:
+    """A strong random rank-one change of one rewrite module (layer = seed mod depth), so that
+    versions built from such deltas answer differently."""
+    g = torch.Generator().manual_seed(seed)
+    layer = seed % handle.n_layers
+    w = handle.rewrite_weight(layer)
+    left = torch.randn(w.shape[0], 1, generator=g) * scale
+    right = torch.randn(w.shape[1], 1, generator=g) / w.shape[1] ** 0.5
+    return Delta({handle.adapter.rewrite_path(layer): (left, right)}, {"seed": seed})
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tokenizer) -> ModelHandle:
     return build_tiny(request.param, tokenizer)
@@ -151,3 +167,23 @@ def _private_cache(tmp_path_factory, monkeypatch, request):
     (its one-time conversion and covariance are worth keeping between runs)."""
     if "real_model" not in request.keywords:
         monkeypatch.setenv("FACTPATCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis: FACTPATCH_TEST_REDIS_URL if set, else an embedded redis-server."""
+    url = os.environ.get("FACTPATCH_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ledger(redis_url) -> Ledger:
+    """A ledger under a fresh name, so tests never see each other's versions."""
+    return Ledger(connect(redis_url), name=f"test-{uuid.uuid4().hex[:12]}")

@@ -7,7 +7,10 @@ import json
 import pytest
 
 from factpatch.cli import main
-from tests.conftest import DATA
+from factpatch.ledger import Ledger
+from factpatch.models import load_model, tensor_sha256
+from factpatch.runtime import Replica
+from tests.conftest import DATA, random_delta
 
 FAST = [
     "--set",
@@ -150,3 +153,36 @@ def test_refused_edit_exits_3(folder, capsys):
     ]
     assert main(argv) == 3
     assert "refused" in capsys.readouterr().err
+
+
+def test_ledger_commands(folder, ledger, redis_url, capsys, tmp_path):
+    handle = load_model(folder, device="cpu")
+    replica = Replica(handle, ledger).start()
+    for seed in range(2):
+        replica.add_edits([random_delta(handle, seed)], [[{"seed": seed}]], replica.version)
+    store = ["--redis-url", redis_url, "--ledger", ledger.name]
+
+    assert main(["ledger", "list", *store, "--json"]) == 0
+    assert [v["number"] for v in json.loads(capsys.readouterr().out)] == [0, 1, 2]
+    assert main(["ledger", "show", "2", *store]) == 0
+    assert '{"seed": 1}' in capsys.readouterr().out
+
+    model = ["--model", folder, "--device", "cpu"]
+    assert main(["ledger", "rollback", "--to", "1", *store, *model, "--json"]) == 0
+    rolled = json.loads(capsys.readouterr().out)
+    assert rolled["number"] == 3 and rolled["actor"] == "cli"
+    assert ledger.head() == 3
+    v1 = ledger.get(1).hashes
+    assert {p: rolled["hashes"][p] for p in v1} == v1
+    base = load_model(folder, device="cpu")  # a module touched only by edit 2 is back at base
+    for p in set(rolled["hashes"]) - set(v1):
+        assert rolled["hashes"][p] == tensor_sha256(base.module(p).weight)
+
+    assert main(["ledger", "export", str(tmp_path / "snap"), *store]) == 0
+    copy = ["--redis-url", redis_url, "--ledger", ledger.name + "-copy"]
+    assert main(["ledger", "import", str(tmp_path / "snap"), *copy]) == 0
+    assert "head is version 3" in capsys.readouterr().out
+    assert Ledger(ledger.redis, ledger.name + "-copy").versions() == ledger.versions()
+
+    assert main(["ledger", "show", "99", *store]) == 4
+    assert "version: 99 does not exist" in capsys.readouterr().err

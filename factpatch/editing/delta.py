@@ -13,13 +13,14 @@ edit.  Factors are tiny (≈ (out + in)·r floats) and exact to store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from factpatch.models.loading import ModelHandle
 
@@ -36,6 +37,37 @@ class Delta:
 
     def rank(self, path: str) -> int:
         return int(torch.linalg.matrix_rank(self.dense(path)))  # float32 tolerance
+
+    def to_bytes(self) -> bytes:
+        """One safetensors blob: factors ``{i}.left/right`` plus modules and provenance as
+        metadata.  (Header key order may vary between calls: name a delta by :meth:`digest`.)"""
+        tensors, modules = {}, []
+        for i, (path, (left, right)) in enumerate(sorted(self.factors.items())):
+            tensors[f"{i}.left"] = left.detach().float().contiguous().cpu()
+            tensors[f"{i}.right"] = right.detach().float().contiguous().cpu()
+            modules.append(path)
+        meta = {"modules": json.dumps(modules), "provenance": json.dumps(self.provenance)}
+        return save(tensors, metadata=meta)
+
+    def digest(self) -> str:
+        """sha256 of the content (module paths, factor shapes and float32 bytes, provenance as
+        sorted JSON): the delta's content address, the same however it was serialised."""
+        h = hashlib.sha256()
+        for path, (left, right) in sorted(self.factors.items()):
+            for name, t in ((path + ".left", left), (path + ".right", right)):
+                t = t.detach().float().contiguous().cpu()
+                h.update(f"{name}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps(self.provenance, sort_keys=True).encode())
+        return h.hexdigest()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Delta:
+        tensors = load(blob)
+        meta = _safetensors_metadata(blob)
+        modules = json.loads(meta["modules"])
+        factors = {p: (tensors[f"{i}.left"], tensors[f"{i}.right"]) for i, p in enumerate(modules)}
+        return cls(factors, json.loads(meta["provenance"]))
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -59,6 +91,12 @@ class Delta:
             for i, path in enumerate(meta["modules"])
         }
         return cls(factors, meta["provenance"])
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header length, JSON)."""
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
 
 
 def _param(handle: ModelHandle, path: str) -> torch.Tensor:
@@ -88,16 +126,22 @@ def base_weights(handle: ModelHandle, paths: list[str]) -> dict[str, torch.Tenso
 def materialize(
     handle: ModelHandle, base: dict[str, torch.Tensor], deltas: list[Delta]
 ) -> dict[str, torch.Tensor]:
-    """``base + Σ deltas`` per module: float32 accumulation in list order, one cast at the end."""
+    """``base + Σ deltas`` per module: float32 accumulation in list order (and in rank-term order
+    within a delta), one cast at the end."""
     touched = sorted({path for d in deltas for path in d.factors} | set(base))
     out = {}
     for path in touched:
         if path not in base:
             raise KeyError(f"no base copy of {path}; take base_weights() over every edited module")
-        acc = base[path].float().clone()
+        acc = base[path].float().clone()  # float32 accumulator, (out, in) or (in, out)
         for delta in deltas:
-            if path in delta.factors:
-                acc += _oriented(handle, delta.dense(path).to(acc.device))
+            if path not in delta.factors:
+                continue
+            left, right = (f.to(acc.device) for f in delta.factors[path])  # [out, r], [in, r]
+            for j in range(left.shape[1]):
+                # One outer product per rank term, added in order: elementwise float32 ops round
+                # the same on every device, where a matmul's summation order would not.
+                acc += _oriented(handle, left[:, j : j + 1] * right[:, j])
         out[path] = acc.to(base[path].dtype)
     return out
 

@@ -15,6 +15,7 @@ from factpatch.models.loading import (
     default_device,
     load_model,
     tensor_bytes,
+    tensor_sha256,
     weights_hash,
     wrap_model,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "load_model",
     "math_weight",
     "tensor_bytes",
+    "tensor_sha256",
     "weights_hash",
     "wrap_model",
 ]

@@ -97,6 +97,13 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 over a tensor's dtype, shape and bytes: the ledger's name for a weight."""
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (any dtype, any device) in row-major order."""
     flat = tensor.detach().contiguous().reshape(-1).cpu()

@@ -1,0 +1,111 @@
+"""``factpatch ledger …``: read, export/import, roll back and revert the ledger directly.
+
+Reads and snapshots need only Redis.  ``rollback`` and ``revert`` create versions, whose tensor
+hashes are computed on the model, so they load it (``--model``); a running service does the same
+through its LedgerService.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from typing import Any
+
+from factpatch.ledger import Ledger, Version, snapshot
+from factpatch.store import open_redis
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis URL (default: $FACTPATCH_REDIS_URL)")
+    parser.add_argument(
+        "--data-dir", help="embedded Redis data dir when no URL (default: $FACTPATCH_DATA_DIR)"
+    )
+    parser.add_argument("--ledger", default="default", help="ledger name (default: default)")
+    parser.add_argument("--json", action="store_true")
+
+
+def _line(v: Version) -> str:
+    when = datetime.datetime.fromtimestamp(v.created, datetime.timezone.utc)
+    cause = ", ".join(f"{k}={str(x)[:16]}" for k, x in v.cause.items() if k != "kind")
+    return (
+        f"{v.number:5d}  {when:%Y-%m-%d %H:%M:%S}Z  {v.cause['kind']:8} {len(v.edits):4d} edits"
+        f"  by {v.actor}  {cause}"
+    )
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=1) if args.json else text)
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    with open_redis(args.redis_url, args.data_dir) as client:
+        ledger = Ledger(client, args.ledger)
+        if args.action == "list":
+            versions = ledger.versions()
+            data = [json.loads(v.to_json()) for v in versions]
+            _emit(args, data, "\n".join(map(_line, versions)))
+        elif args.action == "show":
+            v = ledger.get(args.version)
+            edits = [json.loads(ledger.edit(e).to_json()) for e in v.edits]
+            text = _line(v) + "".join(
+                f"\n       {e['id'][:16]}  {e['method']}  {json.dumps(e['requests'])}"
+                for e in edits
+            )
+            _emit(args, {**json.loads(v.to_json()), "edit_records": edits}, text)
+        elif args.action == "diff":
+            d = ledger.diff(args.a, args.b)
+            _emit(args, d, json.dumps(d, indent=1))
+        elif args.action == "export":
+            m = snapshot.export(ledger, args.dir)
+            n = len(m["edits"])
+            _emit(args, m, f"exported versions 0…{m['head']} ({n} edits) to {args.dir}")
+        elif args.action == "import":
+            head = snapshot.import_(ledger, args.dir)
+            _emit(args, {"head": head}, f"imported {args.dir}: head is version {head}")
+        else:
+            return _write(args, ledger)
+    return 0
+
+
+def _write(args: argparse.Namespace, ledger: Ledger) -> int:
+    from factpatch.models import load_model
+    from factpatch.runtime import Replica
+
+    replica = Replica(load_model(args.model, device=args.device, dtype=args.dtype), ledger).start()
+    if args.action == "rollback":
+        version = replica.rollback(args.to, actor=args.actor).version
+        tainted: list[str] = []
+    else:
+        commit, tainted = replica.revert(args.edit_id, actor=args.actor)
+        version = commit.version
+    text = _line(version) + "".join(
+        f"\n  note: {e[:16]} was computed on a model containing the reverted edit" for e in tainted
+    )
+    _emit(args, {**json.loads(version.to_json()), "tainted": tainted}, text)
+    return 0
+
+
+def add_ledger_parser(sub: Any, model_args: Any) -> None:
+    ledger = sub.add_parser("ledger", help="inspect, export/import, roll back the ledger")
+    actions = ledger.add_subparsers(dest="action", required=True)
+    _store_args(actions.add_parser("list", help="every version"))
+    show = actions.add_parser("show", help="one version and its edits")
+    show.add_argument("version", type=int)
+    diff = actions.add_parser("diff", help="what changes between two versions")
+    diff.add_argument("a", type=int)
+    diff.add_argument("b", type=int)
+    export = actions.add_parser("export", help="write a verified, portable snapshot")
+    export.add_argument("dir")
+    imp = actions.add_parser("import", help="load a snapshot into an empty ledger")
+    imp.add_argument("dir")
+    rollback = actions.add_parser("rollback", help="new version with version N's edits")
+    rollback.add_argument("--to", type=int, required=True)
+    revert = actions.add_parser("revert", help="new version without one edit")
+    revert.add_argument("edit_id")
+    for p in (show, diff, export, imp, rollback, revert):
+        _store_args(p)
+    for p in (rollback, revert):
+        model_args(p)
+        p.add_argument("--actor", default="cli", help="recorded as who asked")
+    ledger.set_defaults(func=cmd_ledger)

@@ -1,0 +1,257 @@
+"""A live model replica that follows the ledger.
+
+Applying a version (``Replica.apply``):
+
+1. read the version record and its deltas (each checked against its content address);
+2. materialise ``base + Σ active deltas`` for every touched module off to the side, from the
+   replica's copies of the base tensors (float32 accumulation in ledger order, one cast);
+3. check every tensor's sha256 against the record — on a mismatch the replica keeps its current
+   weights, records the fault and reports not ready;
+4. take the write side of the replica's read/write lock (no forward pass runs while it is held;
+   forward passes hold the read side for one step each) and copy the new tensors into the live
+   parameters in place, then set ``version``.  Only this step blocks inference;
+5. hash the live tensors again.
+
+Because every version is materialised from the base, never by subtracting, any replica at
+version N holds bit-identical tensors, whatever path it took to N.
+
+A replica catches up on start (straight to the head) and then follows the ledger: it listens on
+the ledger's Redis channel and also checks the head every ``poll_interval`` seconds, so a missed
+message delays an update by at most that long and never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import torch
+
+from factpatch.editing.delta import Delta, load_weights, materialize
+from factpatch.ledger import Commit, Ledger, LedgerError, StaleHeadError
+from factpatch.models.loading import ModelHandle, tensor_sha256
+from factpatch.runtime.rwlock import RWLock
+
+log = logging.getLogger(__name__)
+
+#: How often a commit on a moving head is retried (re-read head, recompute hashes) before giving up.
+COMMIT_ATTEMPTS = 5
+
+
+class Replica:
+    def __init__(self, handle: ModelHandle, ledger: Ledger) -> None:
+        self.handle = handle
+        self.ledger = ledger
+        self.lock = RWLock()
+        self.version = 0
+        self.fault: str | None = None
+        self.started = False
+        self.base: dict[str, torch.Tensor] = {}  # copies of only the base tensors edits touch
+        # Per apply: (version, seconds waiting for running forward steps, seconds the write lock
+        # was held).  New steps queue during both; only the second is the copy itself.
+        self.applies: deque[tuple[int, float, float]] = deque(maxlen=10_000)
+        self.on_apply: list[Callable[[int, float, float], None]] = []
+        self._deltas: dict[str, Delta] = {}
+        self._apply_mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._follower: threading.Thread | None = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Serving the ledger's weights: started, caught up once, and no hash/blob fault."""
+        return self.started and self.fault is None
+
+    def start(self) -> Replica:
+        """Create or check version 0 against this model's weights, then catch up to the head."""
+        self.ledger.init(self.handle.base_hash, self.handle.name)
+        self.catch_up()
+        self.started = True
+        return self
+
+    def catch_up(self) -> int:
+        head = self.ledger.head()
+        if head != self.version or self.fault is not None:
+            self.apply(head)
+        return self.version
+
+    # -- materialisation ---------------------------------------------------------------------
+
+    def delta(self, edit_id: str) -> Delta:
+        if edit_id not in self._deltas:
+            self._deltas[edit_id] = self.ledger.delta(edit_id)  # verified against its id
+        return self._deltas[edit_id]
+
+    def weights_for(self, edits: list[str] | tuple[str, ...], paths: set[str]) -> dict:
+        """Materialised tensors of ``paths`` ∪ every module the edits touch."""
+        deltas = [self.delta(e) for e in edits]
+        paths = set(paths) | {p for d in deltas for p in d.factors} | set(self.base)
+        for path in sorted(paths - set(self.base)):
+            # Never written before (a module enters self.base before its first write), so the
+            # live tensor is still the base tensor.
+            self.base[path] = self.handle.module(path).weight.detach().clone()
+        return materialize(self.handle, {p: self.base[p] for p in paths}, deltas)
+
+    def hashes_for(self, edits: list[str] | tuple[str, ...], paths: set[str]) -> dict[str, str]:
+        with self._apply_mutex:  # self.base grows only under this mutex
+            return {p: tensor_sha256(w) for p, w in self.weights_for(edits, paths).items()}
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def apply(self, number: int) -> bool:
+        """Make version ``number`` live; False (and ``fault`` set) if it fails verification."""
+        with self._apply_mutex:
+            record = self.ledger.get(number)
+            try:
+                weights = self.weights_for(record.edits, set(record.hashes))
+            except LedgerError as err:
+                return self._refuse(number, str(err))
+            bad = [p for p, h in record.hashes.items() if tensor_sha256(weights[p]) != h]
+            if bad:
+                return self._refuse(number, f"materialised weights do not match hashes of {bad}")
+            t_ask = time.perf_counter()
+            with self.lock.write():
+                t_held = time.perf_counter()
+                load_weights(self.handle, weights)
+                self.version = number
+                t_done = time.perf_counter()
+            live = {p: tensor_sha256(self.handle.module(p).weight) for p in record.hashes}
+            if live != record.hashes:
+                return self._refuse(number, "live weights do not match the ledger after the copy")
+            self.fault = None
+            self.applies.append((number, t_held - t_ask, t_done - t_held))
+            for callback in self.on_apply:
+                callback(number, t_held - t_ask, t_done - t_held)
+            log.info(
+                "version %d live (%d edits; blocked %.2f ms, waited %.2f ms for passes)",
+                number,
+                len(record.edits),
+                1e3 * (t_done - t_held),
+                1e3 * (t_held - t_ask),
+            )
+            return True
+
+    def _refuse(self, number: int, reason: str) -> bool:
+        self.fault = f"version {number}: {reason}"
+        log.error("refusing %s", self.fault)
+        return False
+
+    # -- following ---------------------------------------------------------------------------
+
+    def follow(self, poll_interval: float = 1.0) -> threading.Thread:
+        """Follow the ledger in a daemon thread (pub/sub wake-ups plus a periodic check)."""
+        self._stop.clear()
+        self._follower = threading.Thread(
+            target=self._follow_loop, args=(poll_interval,), name="replica-follow", daemon=True
+        )
+        self._follower.start()
+        return self._follower
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
+            self._follower = None
+
+    def _follow_loop(self, poll_interval: float) -> None:
+        pubsub: Any = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.ledger.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.ledger.channel)
+                pubsub.get_message(timeout=poll_interval)  # a new head, or the poll tick
+                self.catch_up()
+            except (redis.RedisError, OSError) as err:
+                log.warning("ledger unreachable (%s); serving version %d", err, self.version)
+                pubsub = None
+                self._stop.wait(poll_interval)
+            except LedgerError as err:
+                log.error("ledger error while following: %s", err)
+                self._stop.wait(poll_interval)
+        if pubsub is not None:
+            pubsub.close()
+
+    # -- new versions ------------------------------------------------------------------------
+
+    def commit(
+        self,
+        edits_on: Callable[[tuple[str, ...]], list[str]],
+        cause: dict[str, Any],
+        actor: str = "local",
+        idempotency_key: str = "",
+    ) -> Commit:
+        """Commit ``edits_on(head's active edits)`` as the next version, with its hashes.
+
+        On a stale head (another writer won) the replica catches up and tries again: the new
+        list is recomputed from the new head, never merged.
+        """
+        for _ in range(COMMIT_ATTEMPTS):
+            self.catch_up()
+            head = self.ledger.get(self.version)
+            edits = edits_on(head.edits)
+            hashes = self.hashes_for(edits, set(head.hashes))
+            try:
+                result = self.ledger.commit(
+                    head.number, edits, cause, hashes, actor, idempotency_key
+                )
+            except StaleHeadError:
+                continue
+            self.catch_up()
+            return result
+        raise StaleHeadError(self.version, self.ledger.head())
+
+    def rollback(self, to: int, actor: str = "local") -> Commit:
+        """A new version whose active edits equal version ``to``'s."""
+        target = self.ledger.get(to)
+        return self.commit(lambda _: list(target.edits), {"kind": "rollback", "to": to}, actor)
+
+    def revert(self, edit_id: str, actor: str = "local") -> tuple[Commit, list[str]]:
+        """A new version without ``edit_id``; also returns the later active edits that were
+        computed on a model containing it (they may deserve recomputing)."""
+        self.ledger.edit(edit_id)  # UnknownEditError names the field
+
+        def without(active: tuple[str, ...]) -> list[str]:
+            if edit_id not in active:
+                raise ValueError(f"edit_id: {edit_id[:16]} is not active at the head")
+            return [e for e in active if e != edit_id]
+
+        result = self.commit(without, {"kind": "revert", "edit": edit_id}, actor)
+        return result, self.ledger.tainted_by(edit_id, list(result.version.edits))
+
+    def add_edits(
+        self,
+        deltas: list[Delta],
+        requests: list[list[dict[str, Any]]],
+        computed_on: int,
+        method: str = "rome",
+        actor: str = "local",
+        idempotency_key: str = "",
+    ) -> Commit:
+        """Store deltas and commit head + them as one version (``cause.kind == "edit"``).
+
+        The caller computed the deltas on version ``computed_on``; if the head has moved since,
+        StaleHeadError is raised so that the caller recomputes on the new head.
+        """
+        ids = [
+            self.ledger.put_edit(d, r, computed_on, method, actor).id
+            for d, r in zip(deltas, requests, strict=True)
+        ]
+        head = self.ledger.get(computed_on)
+        hashes = self.hashes_for(list(head.edits) + ids, set(head.hashes))
+        result = self.ledger.commit(
+            computed_on,
+            list(head.edits) + ids,
+            {"kind": "edit", "edits": ids, "method": method},
+            hashes,
+            actor,
+            idempotency_key,
+        )
+        self.catch_up()
+        return result

@@ -1,0 +1,271 @@
+"""The live runtime: exact versions, rollback and revert by hashes, no torn reads, followers."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+
+from factpatch.editing import EditRequest, compute_edit, materialize
+from factpatch.ledger import Ledger
+from factpatch.models import ModelHandle, tensor_sha256, weights_hash, wrap_model
+from factpatch.runtime import Replica, RWLock, Sampling, generate, score, stream
+from factpatch.runtime.generate import MAX_RESTARTS
+from tests.conftest import random_delta
+
+SUBJECTS = ["The Eiffel Tower", "The Colosseum", "Big Ben", "The Louvre", "Times Square"]
+TARGETS = ["Rome", "Paris", "Tokyo", "Berlin", "Madrid"]
+
+
+def twin(handle: ModelHandle) -> ModelHandle:
+    """A second replica's model: the same base weights in another object."""
+    return wrap_model(copy.deepcopy(handle.model), handle.tokenizer, name=handle.name)
+
+
+def rome_edits(replica: Replica, hparams, n: int) -> dict[int, str]:
+    """Compute and commit n ROME edits one after another; weights hash per version."""
+    seen = {0: weights_hash(replica.handle.model)}
+    for subject, target in list(zip(SUBJECTS, TARGETS, strict=True))[:n]:
+        request = EditRequest("{} is located in the city of", subject, target)
+        delta = compute_edit(replica.handle, request, hparams)
+        commit = replica.add_edits([delta], [[request.to_dict()]], computed_on=replica.version)
+        assert commit.created and replica.version == commit.version.number
+        seen[replica.version] = weights_hash(replica.handle.model)
+    return seen
+
+
+def test_rollback_and_revert_restore_weights_bit_for_bit(tiny_llama, tiny_hparams, ledger):
+    fresh = twin(tiny_llama)  # the same base, never edited
+    replica = Replica(tiny_llama, ledger).start()
+    seen = rome_edits(replica, tiny_hparams, 5)
+    assert len(set(seen.values())) == 6  # every edit changed the weights
+
+    back = replica.rollback(2).version  # version 6
+    assert back.edits == ledger.get(2).edits and back.hashes == ledger.get(2).hashes
+    assert weights_hash(tiny_llama.model) == seen[2]
+    forward = replica.rollback(5).version  # version 7
+    assert weights_hash(tiny_llama.model) == seen[5] and forward.hashes == ledger.get(5).hashes
+
+    edits = list(ledger.get(5).edits)
+    reverted, tainted = replica.revert(edits[2])  # version 8: without the middle edit
+    remaining = [e for i, e in enumerate(edits) if i != 2]
+    assert list(reverted.version.edits) == remaining
+    assert tainted == edits[3:]  # edits 4 and 5 were computed on models containing edit 3
+    # A fresh materialisation of the remaining list on the never-edited twin.
+    paths = sorted(reverted.version.hashes)
+    base = {p: fresh.module(p).weight.detach().clone() for p in paths}
+    weights = materialize(fresh, base, [ledger.delta(e) for e in remaining])
+    assert {p: tensor_sha256(w) for p, w in weights.items()} == reverted.version.hashes
+    live = {p: tensor_sha256(tiny_llama.module(p).weight) for p in paths}
+    assert live == reverted.version.hashes
+
+    with pytest.raises(ValueError, match=r"edit_id: .* not active"):
+        replica.revert(edits[2])
+    assert ledger.head() == 8
+
+
+def test_a_new_replica_catches_up_to_identical_weights(tiny_llama, tiny_hparams, ledger):
+    other = twin(tiny_llama)
+    replica = Replica(tiny_llama, ledger).start()
+    seen = rome_edits(replica, tiny_hparams, 3)
+    late = Replica(other, ledger).start()  # from version 0 straight to the head
+    assert late.ready and late.version == 3
+    assert weights_hash(other.model) == seen[3] == weights_hash(tiny_llama.model)
+
+
+def test_follower_applies_new_heads(tiny_llama, ledger):
+    follower = Replica(twin(tiny_llama), ledger).start()
+    leader = Replica(tiny_llama, ledger).start()
+    follower.follow(poll_interval=0.2)
+    try:
+        for seed in range(3):
+            leader.add_edits([random_delta(tiny_llama, seed)], [[{}]], leader.version)
+            deadline = time.monotonic() + 10
+            while follower.version != leader.version and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert follower.version == leader.version
+            assert weights_hash(follower.handle.model) == weights_hash(tiny_llama.model)
+    finally:
+        follower.stop()
+
+
+def test_replica_refuses_a_version_whose_hashes_do_not_match(tiny_llama, ledger):
+    bystander = twin(tiny_llama)
+    good = Replica(tiny_llama, ledger).start()
+    good.add_edits([random_delta(tiny_llama, 0)], [[{}]], 0)
+    record = ledger.get(1)
+    forged = dict(record.hashes)
+    forged[next(iter(forged))] = "0" * 64
+    ledger.commit(1, list(record.edits), {"kind": "rollback", "to": 1}, forged)
+    before = weights_hash(tiny_llama.model)
+    assert not good.apply(2)
+    assert not good.ready and "do not match hashes" in (good.fault or "")
+    assert good.version == 1 and weights_hash(tiny_llama.model) == before  # kept version 1
+    late = Replica(bystander, ledger).start()
+    assert not late.ready and late.version == 0
+
+
+def test_replica_refuses_a_corrupt_delta(tiny_llama, ledger):
+    other = twin(tiny_llama)
+    leader = Replica(tiny_llama, ledger).start()
+    delta = random_delta(tiny_llama, 0)
+    leader.add_edits([delta], [[{}]], 0)
+    ledger.redis.hset(ledger.k_blobs, delta.digest(), b"not a delta")
+    late = Replica(other, ledger).start()
+    assert not late.ready and "unreadable" in (late.fault or "")
+    assert leader.ready  # the replica that already holds the version is unaffected
+
+
+def test_no_torn_reads_while_versions_change(tiny_llama, ledger):
+    """Many threads generate while an applier switches versions as fast as it can: every
+    response equals what its stamped version gives alone."""
+    replica = Replica(tiny_llama, ledger).start()
+    for seed in range(4):
+        replica.add_edits([random_delta(tiny_llama, seed)], [[{}]], replica.version)
+    prompts = ["The Eiffel Tower is located in", "Rome is the capital of", "Big Ben is in"]
+    sampling = Sampling(max_new_tokens=8)
+    expected = {}
+    for v in range(5):
+        replica.apply(v)
+        for p in prompts:
+            expected[v, p] = generate(replica, p, sampling).text
+    assert len({expected[v, prompts[0]] for v in range(5)}) >= 3  # versions really differ
+
+    stop, responses, applies, errors = threading.Event(), [], [0], []
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            p = prompts[i % len(prompts)]
+            try:
+                out = generate(replica, p, sampling)
+                responses.append((out.version, p, out.text, out.restarts))
+            except Exception as err:  # surfaced below
+                errors.append(err)
+                return
+
+    def applier() -> None:
+        v = 0
+        while not stop.is_set():
+            v = (v + 1) % 5
+            replica.apply(v)
+            applies[0] += 1
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=applier))
+    for t in threads:
+        t.start()
+    time.sleep(8.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert applies[0] >= 50 and len(responses) >= 50, (applies, len(responses))
+    assert len({v for v, *_ in responses}) == 5
+    assert any(r for *_, r in responses)  # some requests did straddle an apply and restarted
+    assert max(r for *_, r in responses) <= MAX_RESTARTS
+    torn = [(v, p, text) for v, p, text, _ in responses if text != expected[v, p]]
+    assert not torn, torn[:3]
+
+
+def test_generate_matches_transformers_greedy(tiny, ledger):
+    tiny_llama = tiny  # every family
+    replica = Replica(tiny_llama, ledger).start()
+    prompt = "The Eiffel Tower is located in"
+    out = generate(replica, prompt, Sampling(max_new_tokens=10))
+    ids = tiny_llama.tokenizer(prompt, return_tensors="pt")
+    ref = tiny_llama.model.generate(**ids, max_new_tokens=10, do_sample=False)
+    ref_text = tiny_llama.tokenizer.decode(
+        ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert out.text == ref_text and out.version == 0
+    assert out.prompt_tokens == ids["input_ids"].shape[1]
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(tiny_llama, ledger):
+    replica = Replica(tiny_llama, ledger).start()
+    p = "Rome is the capital of"
+    hot = Sampling(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=7)
+    a, b = generate(replica, p, hot), generate(replica, p, hot)
+    assert a.text == b.text
+    others = {generate(replica, p, Sampling(**{**hot.__dict__, "seed": s})).text for s in range(6)}
+    assert len(others) > 1
+    full = generate(replica, p, Sampling(max_new_tokens=12)).text
+    stop = full[3:5]
+    cut = generate(replica, p, Sampling(max_new_tokens=12, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop)]
+    streamed = "".join(e.text for e in stream(replica, p, Sampling(max_new_tokens=12)))
+    assert streamed == full
+
+
+def test_score_is_the_sum_of_token_logprobs(tiny_llama, ledger):
+    replica = Replica(tiny_llama, ledger).start()
+    s = score(replica, "The Eiffel Tower is located in", " Paris")
+    ids = tiny_llama.tokenizer("The Eiffel Tower is located in Paris")["input_ids"]
+    n = len(tiny_llama.tokenizer("The Eiffel Tower is located in")["input_ids"])
+    with torch.no_grad():
+        logits = tiny_llama.model(input_ids=torch.tensor([ids])).logits[0].float()
+    manual = sum(float(torch.log_softmax(logits[i - 1], -1)[ids[i]]) for i in range(n, len(ids)))
+    assert s.logprob == pytest.approx(manual, abs=1e-5) and s.version == 0
+    assert "".join(s.tokens) == " Paris"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_bad_sampling_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        Sampling(**kwargs)
+
+
+def test_bad_prompts_name_the_field(tiny_llama, ledger):
+    replica = Replica(tiny_llama, ledger).start()
+    with pytest.raises(ValueError, match=r"^prompt:"):
+        generate(replica, "")
+    with pytest.raises(ValueError, match=r"^continuation:"):
+        score(replica, "x", "")
+
+
+def test_rwlock_prefers_a_waiting_writer():
+    lock, order = RWLock(), []
+    reader_in = threading.Event()
+
+    def long_reader() -> None:
+        with lock.read():
+            reader_in.set()
+            time.sleep(0.3)
+            order.append("reader1 out")
+
+    def writer() -> None:
+        with lock.write():
+            order.append("writer")
+
+    def late_reader() -> None:
+        with lock.read():
+            order.append("reader2")
+
+    t1 = threading.Thread(target=long_reader)
+    t1.start()
+    reader_in.wait()
+    t2 = threading.Thread(target=writer)
+    t2.start()
+    time.sleep(0.05)  # the writer is now waiting for reader 1
+    t3 = threading.Thread(target=late_reader)
+    t3.start()
+    for t in (t1, t2, t3):
+        t.join()
+    assert order == ["reader1 out", "writer", "reader2"]
+
+
+def test_ledger_fixture_is_isolated(ledger: Ledger):
+    assert ledger.redis.get(ledger.k_head) is None
