@@ -192,7 +192,37 @@ def build_parser() -> argparse.ArgumentParser:
     from factpatch.ledger.cli import add_ledger_parser
 
     add_ledger_parser(sub, _model_args)
+    _add_service_parsers(sub)
     return parser
+
+
+def _add_service_parsers(sub: Any) -> None:
+    from factpatch.client.cli import add_client_parser
+    from factpatch.config import Settings, add_options
+
+    def run(role: str) -> Any:
+        def start(args: argparse.Namespace) -> int:
+            from factpatch import service
+
+            entry = {
+                "server": service.run_server,
+                "worker": service.run_worker,
+                "up": service.run_up,
+            }
+            return entry[role](Settings.from_args(args))
+
+        return start
+
+    helps = {
+        "up": "all-in-one on this machine: embedded Redis, a server and a worker",
+        "server": "a gRPC server (one model replica) against --redis-url",
+        "worker": "a worker (edit and trace jobs) against --redis-url",
+    }
+    for role, text in helps.items():
+        parser = sub.add_parser(role, help=text)
+        add_options(parser, role)
+        parser.set_defaults(func=run(role))
+    add_client_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

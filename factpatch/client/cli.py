@@ -1,0 +1,161 @@
+"""``factpatch client …``: the SDK on the command line (progress shown; ``--json`` for scripts)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+
+def _dict(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from factpatch.client.sdk import TLS, Client
+
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        tls = TLS(read(args.tls_ca), read(args.tls_cert), read(args.tls_key))
+    token = args.token or os.environ.get("FACTPATCH_TOKEN")
+    return Client(args.target, token=token, tls=tls, timeout=args.timeout)
+
+
+def _version_line(v: Any) -> str:
+    when = datetime.datetime.fromtimestamp(v.created, datetime.timezone.utc)
+    return (
+        f"{v.number:5d}  {when:%Y-%m-%d %H:%M:%S}Z  {v.cause:8} {len(v.edit_ids):4d} edits"
+        f"  by {v.actor}"
+    )
+
+
+def _progress(job: Any) -> None:
+    from factpatch.rpc import pb
+
+    state = pb.JobState.Name(job.state).lower()
+    phase = f" {job.phase}" if job.phase else ""
+    print(f"  job {job.id[:12]} {state}{phase}", file=sys.stderr, flush=True)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from factpatch.rpc import pb
+
+    client = _client(args)
+    out: Any
+    if args.verb == "edit":
+        handle = client.edit(
+            args.prompt, args.subject, args.target, args.old or "", args.idempotency_key
+        )
+        job = (
+            handle.job if args.no_wait else handle.wait(on_update=None if args.json else _progress)
+        )
+        out = _dict(job)
+        text = f"job {job.id}: {pb.JobState.Name(job.state).lower()}"
+        if job.state == pb.SUCCEEDED:
+            text += f", version {job.version} committed"
+    elif args.verb == "generate":
+        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        g = client.generate(args.prompt, seed=args.seed, **sampling)
+        out = g.__dict__
+        text = f"[version {g.version}] {args.prompt}{g.text}"
+    elif args.verb == "score":
+        s = client.score(args.prompt, args.continuation)
+        out = _dict(s)
+        text = f"[version {s.version}] log P = {s.logprob:.4f}"
+    elif args.verb == "trace":
+        handle = client.trace(args.prompt, args.subject, kind=args.kind, render_png=bool(args.out))
+        job = handle.wait(on_update=None if args.json else _progress)
+        if args.out:
+            with open(args.out, "wb") as f:
+                f.write(job.trace.png)
+        out = _dict(job.trace)
+        out.pop("png", None)
+        text = (
+            f"[version {job.trace.version}] clean P={job.trace.clean:.4f} "
+            f"corrupted P={job.trace.corrupted:.4f}"
+            + (f"; heatmap: {args.out}" if args.out else "")
+        )
+    elif args.verb == "ledger":
+        versions = client.versions(args.start, args.limit)
+        out = [_dict(v) for v in versions]
+        text = "\n".join(_version_line(v) for v in versions)
+    elif args.verb == "rollback":
+        change = client.rollback(args.to)
+        out = _dict(change)
+        text = f"version {change.version.number}: edits of version {args.to}"
+    elif args.verb == "revert":
+        change = client.revert(args.edit_id)
+        out = _dict(change)
+        text = f"version {change.version.number}: without {args.edit_id[:16]}" + "".join(
+            f"\n  note: {e[:16]} was computed on a model containing it" for e in change.tainted
+        )
+    elif args.verb == "jobs":
+        jobs = client.jobs(args.kind, args.limit)
+        out = [_dict(j) for j in jobs]
+        text = "\n".join(
+            f"{j.id}  {j.kind:5}  {pb.JobState.Name(j.state).lower():9}  v{j.version}  {j.error}"
+            for j in jobs
+        )
+    else:  # job
+        job = client.job(args.job_id)
+        out, text = _dict(job), json.dumps(_dict(job), indent=1)
+    print(json.dumps(out, indent=1) if args.json else text)
+    client.close()
+    return 0
+
+
+def add_client_parser(sub: Any) -> None:
+    client = sub.add_parser("client", help="talk to a running factpatch service")
+    client.add_argument("--target", default=os.environ.get("FACTPATCH_TARGET", "127.0.0.1:50051"))
+    client.add_argument("--token", help="bearer token (default: $FACTPATCH_TOKEN)")
+    client.add_argument("--tls-ca", help="CA certificate (PEM) to verify the server")
+    client.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    client.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
+    client.add_argument("--timeout", type=float, default=60.0, help="per-call deadline (s)")
+    client.add_argument("--json", action="store_true")
+    verbs = client.add_subparsers(dest="verb", required=True)
+
+    edit = verbs.add_parser("edit", help="correct a fact; waits for the commit")
+    edit.add_argument("--prompt", required=True, help='e.g. "{} is located in the city of"')
+    edit.add_argument("--subject", required=True)
+    edit.add_argument("--target", required=True)
+    edit.add_argument("--old")
+    edit.add_argument("--idempotency-key", default="")
+    edit.add_argument("--no-wait", action="store_true")
+
+    gen = verbs.add_parser("generate", help="complete a prompt (prints the version)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+
+    score = verbs.add_parser("score", help="log-probability of a continuation")
+    score.add_argument("prompt")
+    score.add_argument("continuation", help='appended as given, e.g. " Rome"')
+
+    trace = verbs.add_parser("trace", help="causal trace of a fact")
+    trace.add_argument("--prompt", required=True)
+    trace.add_argument("--subject", required=True)
+    trace.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"])
+    trace.add_argument("--out", help="write the heatmap PNG here")
+
+    ledger = verbs.add_parser("ledger", help="list versions")
+    ledger.add_argument("--start", type=int, default=0)
+    ledger.add_argument("--limit", type=int, default=100)
+    rollback = verbs.add_parser("rollback", help="new version with version N's edits")
+    rollback.add_argument("--to", type=int, required=True)
+    revert = verbs.add_parser("revert", help="new version without one edit")
+    revert.add_argument("edit_id")
+    jobs = verbs.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--kind", default="")
+    jobs.add_argument("--limit", type=int, default=20)
+    job = verbs.add_parser("job", help="one job")
+    job.add_argument("job_id")
+    client.set_defaults(func=cmd_client)

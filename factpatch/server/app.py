@@ -1,0 +1,115 @@
+"""The gRPC server process: one model replica, every service, health and reflection.
+
+Start-up: load the model, connect to Redis, start the gRPC listener with health NOT_SERVING,
+create/check version 0, catch up to the head (verifying hashes), follow the ledger; health turns
+SERVING only when the replica is ready.  It goes back to NOT_SERVING whenever the replica is not
+ready (a hash fault) and while draining.  On SIGTERM/SIGINT: NOT_SERVING, stop accepting new
+RPCs, give running ones ``drain_seconds``, stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from factpatch.config import Settings
+from factpatch.ledger import Ledger
+from factpatch.models.loading import ModelHandle
+from factpatch.queue import JobQueue
+from factpatch.runtime import Replica
+from factpatch.server.servicers import Frontend, add_servicers
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Server:
+    """A running gRPC server; ``port`` is the bound port (useful with ``port=0``)."""
+
+    grpc_server: grpc.Server
+    frontend: Frontend
+    health: health.HealthServicer
+    services: list[str]
+    port: int
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def start(self) -> Server:
+        self.grpc_server.start()
+        self.frontend.replica.start()
+        self.frontend.replica.follow(self.frontend.settings.poll_interval)
+        self._watcher = threading.Thread(target=self._watch_health, daemon=True)
+        self._watcher.start()
+        log.info("serving version %d on port %d", self.frontend.replica.version, self.port)
+        return self
+
+    def _watch_health(self) -> None:
+        while not self._stop.is_set():
+            ok = self.frontend.replica.ready and not self.frontend.draining
+            status = SERVING if ok else NOT_SERVING
+            for name in ["", *self.services]:
+                self.health.set(name, status)
+            self._stop.wait(0.2)
+
+    @property
+    def serving(self) -> bool:
+        return self.frontend.replica.ready and not self.frontend.draining
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new RPCs, let running ones finish (``grace`` s)."""
+        self.frontend.draining = True
+        for name in ["", *self.services]:
+            self.health.set(name, NOT_SERVING)
+        grace = self.frontend.settings.drain_seconds if grace is None else grace
+        self.grpc_server.stop(grace).wait()
+        self._stop.set()
+        self.frontend.replica.stop()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def build_server(
+    handle: ModelHandle,
+    ledger: Ledger,
+    queue: JobQueue,
+    settings: Settings,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: list[grpc.ServerInterceptor] | None = None,
+    max_workers: int = 16,
+) -> Server:
+    frontend = Frontend(Replica(handle, ledger), ledger, queue, settings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=interceptors or [],
+    )
+    services = add_servicers(server, frontend)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *services]:
+        health_servicer.set(name, NOT_SERVING)  # until the replica has caught up
+    reflection.enable_server_reflection(
+        [
+            *services,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"port: could not bind {address}")
+    return Server(server, frontend, health_servicer, services, port)

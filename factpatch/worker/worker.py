@@ -1,0 +1,194 @@
+"""The worker loop: take a job, compute, make the result durable, then acknowledge.
+
+Edit job (``payload = {"edits": [EditRequest dicts], "method": "rome", "dry_run": bool}``):
+
+1. If the ledger already holds a version for this job (key ``job.commit_key``: a previous
+   attempt committed and then died before acknowledging), succeed with that version.
+2. Catch up to the head and hold the replica's read side (the weights cannot change under the
+   computation); compute one delta for all the job's edits (ROME applied sequentially on the fly,
+   rank r = number of edits; factpatch/editing/rome.py).
+3. Commit ``head + delta`` as one version with the ledger's compare-and-set, idempotency key
+   ``job.commit_key``.  A stale head (another worker committed first): recompute on the new head;
+   after ``STALE_RETRIES`` the job fails and is retried by the queue.
+4. ``lease.succeed({"version": n, ...})`` stores the result, then acknowledges.
+
+Batching policy: one job is one version.  A job may carry several edits (computed together,
+exactly, as sequential ROME steps); separate jobs are not merged, so each client's request maps
+to exactly one version it can roll back.
+
+Trace job (``payload = {"prompt", "subject", "answer", "kind", "samples", "window", "noise",
+"render_png"}``): runs on the replica pinned to the current version (read side held), result
+stored with the version it ran on.
+
+A worker keeps its own replica following the ledger; computing never writes the weights
+(``compute_edit`` is pure), so what a server's replica answers is unaffected.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from typing import Any
+
+from factpatch.editing import DegenerateEditError, EditRequest, compute_edit, default_hparams
+from factpatch.ledger import Ledger, StaleHeadError
+from factpatch.models.loading import ModelHandle
+from factpatch.queue import JobQueue, Lease, LeaseLostError, new_consumer_name
+from factpatch.runtime import Replica
+
+log = logging.getLogger(__name__)
+
+STALE_RETRIES = 3
+
+
+class Worker:
+    def __init__(
+        self,
+        handle: ModelHandle,
+        ledger: Ledger,
+        queue: JobQueue,
+        name: str | None = None,
+        poll_interval: float = 1.0,
+        kinds: tuple[str, ...] = ("edit", "trace"),
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        self.replica = Replica(handle, ledger)
+        self.ledger, self.queue = ledger, queue
+        self.name = name or new_consumer_name()  # unique per process: a restart is a new name
+        self.poll_interval = poll_interval
+        self.kinds = list(kinds)
+        self.stopping = threading.Event()
+        self.jobs_done = 0
+        self.hparams = dict(hparams or {})  # overrides of the model's ROME defaults
+
+    def run(self) -> None:
+        """Serve jobs until :meth:`stop` (finishes the job in hand first)."""
+        self.replica.start()
+        self.replica.follow(self.poll_interval)
+        stop_heartbeat = self.queue.start_heartbeat(self.name)
+        log.info("worker %s ready at version %d", self.name, self.replica.version)
+        try:
+            while not self.stopping.is_set():
+                for lease in self.queue.claim(self.name, self.kinds, block_ms=500):
+                    self.handle(lease)
+        finally:
+            stop_heartbeat()
+            self.replica.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def handle(self, lease: Lease) -> None:
+        try:
+            self._handle(lease)
+        except LeaseLostError as err:  # presumed dead and reclaimed meanwhile: drop the work
+            log.warning("job %s: lease lost (%s); another worker has it", lease.job.id, err)
+
+    def _handle(self, lease: Lease) -> None:
+        job = lease.job
+        started = time.perf_counter()
+        try:
+            if job.kind == "edit":
+                result = self._edit(lease)
+            elif job.kind == "trace":
+                result = self._trace(lease)
+            else:
+                lease.fail(f"kind: unknown job kind {job.kind!r}", retry=False)
+                return
+        except (ValueError, DegenerateEditError) as err:  # the request itself is bad
+            lease.fail(f"{type(err).__name__}: {err}", retry=False)
+            return
+        except Exception as err:  # transient or unknown: the queue retries, then dead-letters
+            log.exception("job %s failed", job.id)
+            lease.fail(f"{type(err).__name__}: {err}", retry=True)
+            return
+        if result is None:  # cancelled
+            lease.cancelled()
+            return
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        lease.succeed(result)
+        self.jobs_done += 1
+
+    # -- edits -------------------------------------------------------------------------------
+
+    def _edit(self, lease: Lease) -> dict[str, Any] | None:
+        job = lease.job
+        done = self.ledger.committed(job.commit_key)
+        if done is not None:  # committed by an earlier attempt that died before acknowledging
+            version = self.ledger.get(done)
+            return {"version": done, "edit_ids": list(version.cause.get("edits", []))}
+        requests = [EditRequest(**r) for r in job.payload["edits"]]
+        method = job.payload.get("method") or "rome"
+        if method != "rome":
+            raise ValueError(f"options.method: {method!r} is not available (rome)")
+        for _ in range(STALE_RETRIES):
+            self.replica.catch_up()
+            lease.progress({"phase": "computing", "fraction": 0.1})
+            with self.replica.lock.read():  # pin the weights for the whole computation
+                computed_on = self.replica.version
+                hparams = default_hparams(self.replica.handle, **self.hparams)
+                delta = compute_edit(self.replica.handle, requests, hparams)
+            if lease.cancel_requested():
+                return None
+            stats = delta.provenance.get("stats", [])
+            summary = {
+                "computed_on": computed_on,
+                "update_ratio": [s.get("update_ratio") for s in stats],
+                "steps": [s.get("steps") for s in stats],
+            }
+            if job.payload.get("dry_run"):
+                return {"dry_run": True, "edit_id": delta.digest(), **summary}
+            lease.progress({"phase": "committing", "fraction": 0.9})
+            try:
+                commit = self.replica.add_edits(
+                    [delta],
+                    [[r.to_dict() for r in requests]],
+                    computed_on,
+                    method=method,
+                    actor=job.actor or "anonymous",
+                    idempotency_key=job.commit_key,
+                )
+            except StaleHeadError:
+                log.info("job %s: head moved past %d; recomputing", job.id, computed_on)
+                continue
+            return {
+                "version": commit.version.number,
+                "edit_ids": list(commit.version.cause["edits"]),
+                **summary,
+            }
+        raise StaleHeadError(computed_on, self.ledger.head())
+
+    # -- traces ------------------------------------------------------------------------------
+
+    def _trace(self, lease: Lease) -> dict[str, Any]:
+        from factpatch.tracing import trace
+
+        p = lease.job.payload
+        lease.progress({"phase": "tracing", "fraction": 0.1})
+        kwargs = {k: p[k] for k in ("samples", "window", "noise") if p.get(k)}
+        with self.replica.lock.read():  # the whole trace runs on one version
+            version = self.replica.version
+            result = trace(
+                self.replica.handle,
+                p["prompt"],
+                p["subject"],
+                answer=p.get("answer") or None,
+                kind=p.get("kind") or "hidden",
+                **kwargs,
+            )
+        out: dict[str, Any] = {"version": version, "trace": result.to_json()}
+        if p.get("render_png"):
+            out["png_b64"] = base64.b64encode(_render_png(result)).decode()
+        return out
+
+
+def _render_png(result: Any) -> bytes:
+    import io
+
+    from factpatch.tracing import plot_trace
+
+    buffer = io.BytesIO()
+    plot_trace(result, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,235 @@
+"""The service in-process on a tiny model: real gRPC on loopback, real Redis, a real worker."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from factpatch.client import Client, JobFailed
+from factpatch.config import Settings
+from factpatch.editing import apply_delta
+from factpatch.ledger import Ledger
+from factpatch.queue import JobQueue
+from factpatch.rpc import pb
+from factpatch.runtime import Replica, score
+from factpatch.server import build_server
+from factpatch.store import connect
+from factpatch.worker import Worker
+
+TINY_HPARAMS = {
+    "layer": 1,
+    "steps": 12,
+    "lr": 1.0,
+    "weight_decay": 0.0,
+    "clamp_norm_factor": 20.0,
+    "templates": [[5, 3]],
+    "cov_tokens": 3000,
+    "max_update_ratio": 100.0,
+}
+PROMPT = "{} is located in the city of"
+
+
+@dataclasses.dataclass
+class Stack:
+    client: Client
+    server: object
+    worker: Worker
+    ledger: Ledger
+    queue: JobQueue
+    target: str
+
+
+@pytest.fixture
+def stack(tiny_llama, redis_url):
+    name = f"svc-{uuid.uuid4().hex[:10]}"
+    redis_client = connect(redis_url)
+    ledger, queue = Ledger(redis_client, name), JobQueue(redis_client, name, heartbeat_ttl=2.0)
+    settings = Settings(ledger=name, port=0, poll_interval=0.2, drain_seconds=1.0)
+    worker_handle = dataclasses.replace(tiny_llama, model=copy.deepcopy(tiny_llama.model), cache={})
+    server = build_server(tiny_llama, ledger, queue, settings)
+    worker = Worker(worker_handle, ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    server.start()
+    thread.start()
+    target = f"127.0.0.1:{server.port}"
+    client = Client(target, timeout=60)
+    client.wait_ready(30)
+    yield Stack(client, server, worker, ledger, queue, target)
+    client.close()
+    worker.stop()
+    server.stop(grace=0.5)
+    thread.join(timeout=10)
+
+
+def test_edit_commits_changes_answers_and_rolls_back(stack: Stack, tiny_llama):
+    fp = stack.client
+    base_model = copy.deepcopy(tiny_llama.model)
+    before = fp.score("The Eiffel Tower is located in the city of", " Rome")
+    assert before.version == 0
+    seen = []
+    job = fp.edit(PROMPT, "The Eiffel Tower", "Rome").wait(timeout=120, on_update=seen.append)
+    assert job.state == pb.SUCCEEDED and job.version == 1 and len(job.edit_ids) == 1
+    states = [s.state for s in seen]
+    assert states[-1] == pb.SUCCEEDED and pb.RUNNING in states
+
+    stack.server.frontend.replica.catch_up()  # don't wait for the poll tick
+    after = fp.score("The Eiffel Tower is located in the city of", " Rome")
+    assert after.version == 1 and after.logprob > before.logprob + 0.5
+    # The served answer is exactly base + the stored delta, applied anywhere else.
+    twin = dataclasses.replace(tiny_llama, model=copy.deepcopy(base_model), cache={})
+    apply_delta(twin, stack.ledger.delta(job.edit_ids[0]))
+    local = score(Replica(twin, stack.ledger), PROMPT.format("The Eiffel Tower"), " Rome")
+    assert local.logprob == after.logprob
+    generated = fp.generate("The Eiffel Tower is located in the city of", max_new_tokens=3)
+    assert generated.version == 1
+
+    change = fp.rollback(0)
+    assert change.version.number == 2 and list(change.version.edit_ids) == []
+    restored = fp.score("The Eiffel Tower is located in the city of", " Rome")
+    assert restored.version == 2
+    assert restored.logprob == before.logprob  # bit-exact weights, identical forward pass
+    head = fp.head()
+    assert head.number == 2 and head.cause == "rollback"
+    assert dict(head.hashes) == dict(fp.version(2).hashes)
+
+
+def test_idempotency_key_gives_one_job_and_one_version(stack: Stack):
+    fp = stack.client
+    a = fp.edit(PROMPT, "Big Ben", "Paris", idempotency_key="fix-42")
+    b = fp.edit(PROMPT, "Big Ben", "Paris", idempotency_key="fix-42")
+    assert a.id == b.id
+    a.wait(timeout=120)
+    assert fp.head().number == 1 and len(fp.jobs()) == 1
+
+
+def test_dry_run_commits_nothing(stack: Stack):
+    job = stack.client.submit_edits(
+        [dict(prompt=PROMPT, subject="The Louvre", target="Oslo")], dry_run=True
+    ).wait(timeout=120)
+    assert '"dry_run": true' in job.result_json and stack.client.head().number == 0
+
+
+def expect(code: grpc.StatusCode, field: str, call, *args, **kwargs) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    assert info.value.code() == code, info.value.details()
+    assert field in info.value.details(), info.value.details()
+
+
+def test_bad_requests_name_the_field_and_change_nothing(stack: Stack):
+    fp = stack.client
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    expect(invalid, "edits", fp.submit_edits, [])
+    expect(invalid, "edits[0].subject", fp.edit, "Paris is nice", "Eiffel", "Rome")
+    expect(invalid, "edits[0].target", fp.edit, PROMPT, "Big Ben", "")
+    expect(invalid, "edits[0].prompt", fp.edit, "", "Big Ben", "Rome")
+    expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "edits",
+        fp.submit_edits,
+        [dict(prompt=PROMPT, subject="Big Ben", target="Rome")] * 17,
+    )
+    expect(invalid, "edits[0].prompt", fp.edit, "{} " + "x" * 600, "Big Ben", "Rome")
+    expect(
+        invalid,
+        "options.method",
+        fp.edits.SubmitEdits,
+        pb.SubmitEditsRequest(
+            edits=[pb.FactEdit(prompt=PROMPT, subject="Big Ben", target="Rome")],
+            options=pb.EditOptions(method="memit"),
+        ),
+    )
+    expect(missing, "job_id", fp.job, "nope")
+    expect(invalid, "job_id", fp.job, "")
+    expect(missing, "version", fp.version, 99)
+    expect(missing, "version", fp.rollback, 99)
+    expect(missing, "edit_id", fp.revert, "f" * 64)
+    expect(invalid, "prompt", fp.generate, "")
+    expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "max_new_tokens", fp.generate, "x", max_new_tokens=10**6
+    )
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "prompt", fp.generate, "x" * 3000)
+    expect(invalid, "temperature", fp.generate, "x", temperature=-1)
+    expect(invalid, "continuation", fp.score, "x", "")
+    expect(invalid, "subject", fp.trace, "Big Ben is in", "Eiffel")
+    expect(invalid, "kind", fp.trace, "Big Ben is in", "Big Ben", kind="neurons")
+    assert fp.head().number == 0 and fp.jobs() == []
+
+
+def test_health_and_reflection(stack: Stack):
+    reply = stack.client.health.Check(
+        health_pb2.HealthCheckRequest(service="factpatch.v1.EditService")
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(stack.client.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (response,) = list(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "factpatch.v1.EditService",
+        "factpatch.v1.LedgerService",
+        "factpatch.v1.GenerateService",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_draining_server_reports_not_serving(stack: Stack):
+    stack.server.frontend.draining = True
+    with pytest.raises(grpc.RpcError) as info:
+        stack.client.generate("x", max_new_tokens=1)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    stack.server.frontend.draining = False
+
+
+TRITON = textwrap.dedent(
+    """
+    import sys, numpy as np
+    import tritonclient.grpc as triton
+    c = triton.InferenceServerClient(sys.argv[1])
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(sys.argv[2])
+    meta = c.get_model_metadata(sys.argv[2])
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"The Eiffel Tower is located in"], dtype=object))
+    params = {"max_tokens": 4}
+    r = c.infer(sys.argv[2], [text], parameters=params)
+    out = r.as_numpy("text_output")
+    print(r.get_response().model_version, repr(out[0].decode()), meta.inputs[0].name)
+    """
+)
+
+
+def test_tritonclient_model_infer(stack: Stack, tiny_llama):
+    """Open Inference Protocol v2 with the stock tritonclient (a separate process: its protobuf
+    registry would clash with ours in one interpreter)."""
+    name = tiny_llama.name
+    out = subprocess.run(
+        [sys.executable, "-c", TRITON, stack.target, name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    input_name = out.stdout.strip().rsplit(" ", 1)[1]
+    assert out.stdout.startswith("0 ") and input_name == "text_input"
+    direct = stack.client.generate("The Eiffel Tower is located in", max_new_tokens=4)
+    assert repr(direct.text) in out.stdout
+
+
+def test_job_failure_is_reported(stack: Stack, monkeypatch):
+    """A request the worker refuses (ROME's guard) ends FAILED with the reason, not retried."""
+    stack.worker.hparams = {**TINY_HPARAMS, "max_update_ratio": 1e-9}
+    with pytest.raises(JobFailed, match="FAILED"):
+        stack.client.edit(PROMPT, "Times Square", "Madrid").wait(timeout=120)
+    assert stack.client.head().number == 0
