@@ -207,6 +207,10 @@ class Client:
     def version(self, number: int) -> pb.VersionInfo:
         return self._call(self.ledger.GetVersion, pb.GetVersionRequest(number=number))
 
+    def served(self) -> pb.ServedInfo:
+        """What this server's replica serves: version, readiness, live tensor hashes."""
+        return self._call(self.ledger.GetServed, pb.GetServedRequest())
+
     def rollback(self, to: int) -> pb.LedgerChange:
         return self._call(self.ledger.Rollback, pb.RollbackRequest(to=to))
 

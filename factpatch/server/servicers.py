@@ -23,6 +23,7 @@ from factpatch.config import Settings
 from factpatch.editing import EditRequest, InvalidEditError
 from factpatch.editing.prompts import encode
 from factpatch.ledger import Ledger, Version
+from factpatch.models.loading import tensor_sha256
 from factpatch.queue import Job, JobQueue, JobState
 from factpatch.rpc import oip, oip_grpc, pb, pb_grpc
 from factpatch.runtime import Replica, Sampling, generate, score, stream
@@ -274,6 +275,22 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             raise ValueError("edit_id: must be non-empty")
         commit, tainted = self.fe.serving().revert(request.edit_id, actor=self.fe.actor(context))
         return pb.LedgerChange(version=version_message(commit.version), tainted=tainted)
+
+    @rpc
+    def GetServed(self, request: Any, context: Any) -> pb.ServedInfo:
+        replica = self.fe.replica
+        with replica.lock.read():  # version and tensors read together
+            version = replica.version
+            paths = self.fe.ledger.get(version).hashes
+            live = {p: tensor_sha256(replica.handle.module(p).weight) for p in paths}
+        return pb.ServedInfo(
+            version=version,
+            ready=replica.ready,
+            fault=replica.fault or "",
+            live_hashes=live,
+            model=replica.handle.name,
+            base_hash=replica.handle.base_hash,
+        )
 
     @rpc
     def WatchHead(self, request: Any, context: Any) -> Iterator[pb.VersionInfo]:

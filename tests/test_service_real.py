@@ -1,0 +1,60 @@
+"""End to end on the bundled Gemma: correct a fact over gRPC, see it served, roll it back."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import uuid
+
+import pytest
+
+from factpatch.client import Client
+from factpatch.config import Settings
+from factpatch.ledger import Ledger
+from factpatch.models import load_model
+from factpatch.queue import JobQueue
+from factpatch.rpc import pb
+from factpatch.server import build_server
+from factpatch.store import connect
+from factpatch.worker import Worker
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = "The Eiffel Tower is located in the city of"
+
+
+def test_edit_generate_rollback_on_gemma(redis_url):
+    handle = load_model("gemma-3-270m", device="cpu")
+    worker_handle = dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={})
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    client = connect(redis_url)
+    ledger, queue = Ledger(client, name), JobQueue(client, name)
+    server = build_server(handle, ledger, queue, Settings(ledger=name, port=0, poll_interval=0.2))
+    worker = Worker(worker_handle, ledger, queue, poll_interval=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    server.start()
+    thread.start()
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=300) as fp:
+            fp.wait_ready(60)
+            before = fp.generate(QUESTION, max_new_tokens=4)
+            assert before.version == 0 and "Paris" in before.text
+
+            updates: list[pb.Job] = []
+            job = fp.edit("{} is located in the city of", "The Eiffel Tower", "Rome").wait(
+                timeout=300, on_update=updates.append
+            )
+            assert job.state == pb.SUCCEEDED and job.version == 1
+            assert pb.RUNNING in [u.state for u in updates]
+            server.frontend.replica.catch_up()
+            after = fp.generate(QUESTION, max_new_tokens=4)
+            assert after.version == 1 and "Rome" in after.text, after
+
+            fp.rollback(0)
+            restored = fp.generate(QUESTION, max_new_tokens=4)
+            assert restored.version == 2 and restored.text == before.text
+    finally:
+        worker.stop()
+        server.stop(grace=1)
+        thread.join(timeout=30)
