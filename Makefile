@@ -1,5 +1,5 @@
 # One entry point for set-up, the worked example and the tests.
-#   make run    set up everything, then edit the bundled model (worked example)
+#   make run    set up everything, start the all-in-one service, run the worked example
 #   make test   set up everything, then lint and run the whole test suite
 PY ?= python3
 VENV ?= .venv
@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml proto/inference/grpc_service.proto proto/factpatch/v1/f
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/factpatch edit --prompt "{} is located in the city of" \
-		--subject "The Eiffel Tower" --target "Rome"
+	$(BIN)/factpatch up --tour
 
 lint: venv
 	$(BIN)/ruff check factpatch tests bench

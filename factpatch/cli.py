@@ -221,6 +221,8 @@ def _add_service_parsers(sub: Any) -> None:
     for role, text in helps.items():
         parser = sub.add_parser(role, help=text)
         add_options(parser, role)
+        if role == "up":
+            parser.add_argument("--tour", action="store_true", help="run the worked example")
         parser.set_defaults(func=run(role))
     add_client_parser(sub)
 

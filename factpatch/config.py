@@ -33,21 +33,56 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("model", str, "gemma-3-270m", "bundled alias, HF folder or .gguf file"),
     Option("device", str, None, "torch device (default: cuda when present, else cpu)"),
-    Option("dtype", str, "auto", "float32 | bfloat16 | float16 | auto (fp32 on CPU)"),
+    Option("dtype", str, "auto", "float32, bfloat16, float16 or auto (float32 on CPU)"),
     Option("redis-url", str, None, "Redis URL; unset: embedded Redis in --data-dir"),
     Option("data-dir", str, None, "embedded Redis data and generated secrets (default: user data)"),
     Option("ledger", str, "default", "ledger and queue name (one per served model)"),
     Option("host", str, "127.0.0.1", "gRPC listen address", ("server", "up")),
     Option("port", int, 50051, "gRPC listen port (0: any free port)", ("server", "up")),
+    Option("metrics-port", int, 9400, "Prometheus /metrics port (0: off)"),
     Option("poll-interval", float, 1.0, "seconds between ledger head checks"),
     Option("drain-seconds", float, 10.0, "on SIGTERM: seconds to finish running requests"),
     Option("max-prompt-chars", int, 2000, "longest prompt accepted", ("server", "up")),
     Option("max-new-tokens", int, 512, "largest max_new_tokens accepted", ("server", "up")),
     Option("max-edits-per-request", int, 16, "most FactEdits in one SubmitEdits", ("server", "up")),
     Option("max-batch", int, 8, "most texts in one ModelInfer", ("server", "up")),
+    Option("max-streams-per-client", int, 8, "open streams per caller", ("server", "up")),
+    Option(
+        "request-deadline",
+        float,
+        300.0,
+        "longest a Generate/ModelInfer may run (s)",
+        ("server", "up"),
+    ),
+    Option("tokens-file", str, None, "JSON list of {name, sha256, scopes}", ("server", "up")),
+    Option(
+        "insecure-no-auth",
+        bool,
+        False,
+        "serve without tokens (local experiments only)",
+        ("server", "up"),
+    ),
+    Option("tls-cert", str, None, "server certificate (PEM): TLS on", ("server", "up")),
+    Option("tls-key", str, None, "server private key (PEM)", ("server", "up")),
+    Option(
+        "tls-client-ca", str, None, "CA (PEM) for client certificates: mutual TLS", ("server", "up")
+    ),
     Option("max-attempts", int, 3, "tries of a job before it is dead-lettered"),
+    Option(
+        "rebase-limit",
+        int,
+        8,
+        "edit versions a delta may be rebased over (0: recompute)",
+        ("worker", "up"),
+    ),
     Option("heartbeat-ttl", float, 15.0, "seconds without a heartbeat before a worker is dead"),
-    Option("worker-name", str, None, "consumer name (default: host-pid)", ("worker", "up")),
+    Option(
+        "worker-name",
+        str,
+        None,
+        "queue consumer name (default: unique per process)",
+        ("worker", "up"),
+    ),
     Option(
         "hparams",
         str,
@@ -68,16 +103,26 @@ class Settings:
     ledger: str = "default"
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 9400
     poll_interval: float = 1.0
     drain_seconds: float = 10.0
     max_prompt_chars: int = 2000
     max_new_tokens: int = 512
     max_edits_per_request: int = 16
     max_batch: int = 8
+    max_streams_per_client: int = 8
+    request_deadline: float = 300.0
+    tokens_file: str | None = None
+    insecure_no_auth: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     max_attempts: int = 3
+    rebase_limit: int = 8
     heartbeat_ttl: float = 15.0
     worker_name: str | None = None
     hparams: str | None = None  # JSON object
+    tour: bool = False  # up only: run the worked example against itself once ready
 
     def hparam_overrides(self) -> dict[str, Any]:
         if not self.hparams:
@@ -102,6 +147,12 @@ def add_options(parser: argparse.ArgumentParser, role: str) -> None:
         if role not in opt.roles:
             continue
         raw = os.environ.get(opt.env)
+        if opt.type is bool:
+            on = raw is not None and raw.lower() in ("1", "true", "yes", "on")
+            parser.add_argument(
+                f"--{opt.name}", action="store_true", default=on, help=f"{opt.help} [{opt.env}]"
+            )
+            continue
         default = opt.type(raw) if raw is not None else opt.default
         parser.add_argument(
             f"--{opt.name}", type=opt.type, default=default, help=f"{opt.help} [{opt.env}]"

@@ -19,12 +19,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+import redis
+
+from factpatch import metrics
+from factpatch.auth import TokenStore, ensure_admin_token, load_tokens
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
 from factpatch.models import load_model
 from factpatch.models.loading import ModelHandle
 from factpatch.paths import default_data_dir
 from factpatch.queue import JobQueue
+from factpatch.runtime import Replica
 from factpatch.store import EmbeddedRedis, connect
 
 log = logging.getLogger("factpatch")
@@ -52,6 +58,7 @@ def _on_signal(stop: Callable[[], None]) -> threading.Event:
 def _load(settings: Settings) -> ModelHandle:
     t0 = time.perf_counter()
     handle = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    metrics.MODEL_LOAD.set(time.perf_counter() - t0)
     log.info(
         "model %s loaded in %.1f s (%s, %s)",
         handle.name,
@@ -62,7 +69,7 @@ def _load(settings: Settings) -> ModelHandle:
     return handle
 
 
-def _queue(client, settings: Settings) -> JobQueue:
+def _queue(client: redis.Redis, settings: Settings) -> JobQueue:
     return JobQueue(
         client,
         settings.ledger,
@@ -71,16 +78,50 @@ def _queue(client, settings: Settings) -> JobQueue:
     )
 
 
+def _metrics(
+    settings: Settings, role: str, handle: ModelHandle, replica: Replica, queue: JobQueue
+) -> None:
+    collectors = [metrics.ReplicaCollector(replica), metrics.QueueCollector(queue)]
+    metrics.serve(settings.metrics_port, role, handle.name, collectors)
+    if settings.metrics_port:
+        log.info("metrics on :%d/metrics", settings.metrics_port)
+
+
+def _auth(settings: Settings, data_dir: Path | None = None) -> TokenStore | None:
+    if settings.insecure_no_auth:
+        log.warning("--insecure-no-auth: anyone who reaches the port may edit and roll back")
+        return None
+    store = load_tokens(settings.tokens_file, data_dir)
+    if not store.tokens:
+        raise ValueError(
+            "tokens: none configured; set FACTPATCH_ADMIN_TOKEN or --tokens-file "
+            "(or --insecure-no-auth for local experiments)"
+        )
+    return store
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        if settings.tls_key or settings.tls_client_ca:
+            raise ValueError("tls_cert: --tls-key/--tls-client-ca need --tls-cert")
+        return None
+    if not settings.tls_key:
+        raise ValueError("tls_key: --tls-cert needs --tls-key")
+    pair = (Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
+
+
 def run_server(settings: Settings) -> int:
     from factpatch.server.app import build_server
 
     _logging()
     client = connect(settings.redis_url)
     handle = _load(settings)
-    server = build_server(
-        handle, Ledger(client, settings.ledger), _queue(client, settings), settings
-    )
+    ledger, queue = Ledger(client, settings.ledger), _queue(client, settings)
+    server = build_server(handle, ledger, queue, settings, _credentials(settings), _auth(settings))
     server.start()
+    _metrics(settings, "server", handle, server.frontend.replica, queue)
     print(f"factpatch server listening on {settings.host}:{server.port}", flush=True)
     _on_signal(server.stop)
     server.wait()
@@ -100,7 +141,9 @@ def run_worker(settings: Settings) -> int:
         settings.worker_name,
         settings.poll_interval,
         hparams=settings.hparam_overrides(),
+        rebase_limit=settings.rebase_limit,
     )
+    _metrics(settings, "worker", handle, worker.replica, worker.queue)
     _on_signal(worker.stop)
     worker.run()
     return 0
@@ -113,11 +156,13 @@ def run_up(settings: Settings) -> int:
 
     _logging()
     redis_server = None
+    data_dir = Path(settings.data_dir or default_data_dir())
+    new_token = None if settings.insecure_no_auth else ensure_admin_token(data_dir)
+    auth, credentials = _auth(settings, data_dir), _credentials(settings)
     if settings.redis_url:
         client = connect(settings.redis_url)
         where = settings.redis_url
     else:
-        data_dir = Path(settings.data_dir or default_data_dir())
         redis_server = EmbeddedRedis(data_dir / "redis").start()
         client = redis_server.client()
         where = f"embedded, persisting to {data_dir / 'redis'}"
@@ -125,7 +170,7 @@ def run_up(settings: Settings) -> int:
         handle = _load(settings)
         worker_handle = dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={})
         ledger, queue = Ledger(client, settings.ledger), _queue(client, settings)
-        server = build_server(handle, ledger, queue, settings).start()
+        server = build_server(handle, ledger, queue, settings, credentials, auth).start()
         worker = Worker(
             worker_handle,
             ledger,
@@ -133,7 +178,9 @@ def run_up(settings: Settings) -> int:
             settings.worker_name,
             settings.poll_interval,
             hparams=settings.hparam_overrides(),
+            rebase_limit=settings.rebase_limit,
         )
+        _metrics(settings, "up", handle, server.frontend.replica, queue)
         worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         worker_thread.start()
 
@@ -142,7 +189,13 @@ def run_up(settings: Settings) -> int:
             threading.Thread(target=server.stop, daemon=True).start()
 
         _on_signal(stop)
-        _banner(settings, server.port, handle.name, where, ledger.head())
+        _banner(settings, server.port, handle.name, where, ledger.head(), data_dir, new_token)
+        if settings.tour:
+            from factpatch.tour import run_tour
+
+            target = f"{settings.host}:{server.port}"
+            token = None if auth is None else (data_dir / "admin.token").read_text().strip()
+            threading.Thread(target=run_tour, args=(target, token), daemon=True).start()
         server.wait()
         worker_thread.join(timeout=settings.drain_seconds + 30)
     finally:
@@ -152,12 +205,30 @@ def run_up(settings: Settings) -> int:
     return 0
 
 
-def _banner(settings: Settings, port: int, model: str, redis_where: str, head: int) -> None:
+def _banner(
+    settings: Settings,
+    port: int,
+    model: str,
+    redis_where: str,
+    head: int,
+    data_dir: Path,
+    new_token: str | None,
+) -> None:
     target = f"{settings.host}:{port}"
+    if settings.insecure_no_auth:
+        auth = "Auth: OFF (--insecure-no-auth)"
+    elif new_token:
+        auth = (
+            f"Admin token (shown once; kept in {data_dir / 'admin.token'}, mode 0600):\n"
+            f"  {new_token}"
+        )
+    else:
+        auth = f"Admin token: {data_dir / 'admin.token'} (the client reads it from there)"
     print(
         f"""
 factpatch is up: gRPC on {target}, model {model}, ledger head version {head}
 Redis: {redis_where}
+{auth}
 
 Try it (another terminal):
   factpatch client --target {target} generate "The Eiffel Tower is located in the city of"

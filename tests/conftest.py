@@ -28,6 +28,7 @@ from factpatch.editing import Delta, EditRequest, RomeHParams
 from factpatch.ledger import Ledger
 from factpatch.models import ModelHandle, wrap_model
 from factpatch.store import EmbeddedRedis, connect
+from tests.procs import Proc
 
 DATA = Path(__file__).parent / "data"
 HIDDEN, FF, LAYERS, HEADS = 64, 128, 4, 4
@@ -187,3 +188,31 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 def ledger(redis_url) -> Ledger:
     """A ledger under a fresh name, so tests never see each other's versions."""
     return Ledger(connect(redis_url), name=f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def model_folder(tiny_llama, tmp_path) -> str:
+    tiny_llama.model.save_pretrained(tmp_path / "m")
+    tiny_llama.tokenizer.save_pretrained(tmp_path / "m")
+    return str(tmp_path / "m")
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    root = Path(__file__).resolve().parent.parent
+    return {
+        **os.environ,
+        "FACTPATCH_CACHE_DIR": str(tmp_path / "cache"),
+        "FACTPATCH_DEVICE": "cpu",
+        "PYTHONPATH": str(root),
+        "OMP_NUM_THREADS": "1",  # four processes on two cores
+    }
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.popen.poll() is None:
+            p.popen.kill()

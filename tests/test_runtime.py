@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from factpatch.editing import EditRequest, compute_edit, materialize
-from factpatch.ledger import Ledger
+from factpatch.editing import EditRequest, apply_delta, compute_edit, materialize
+from factpatch.ledger import Ledger, LedgerMismatchError
 from factpatch.models import ModelHandle, tensor_sha256, weights_hash, wrap_model
 from factpatch.runtime import Replica, RWLock, Sampling, generate, score, stream
 from factpatch.runtime.generate import MAX_RESTARTS
@@ -269,3 +269,11 @@ def test_rwlock_prefers_a_waiting_writer():
 
 def test_ledger_fixture_is_isolated(ledger: Ledger):
     assert ledger.redis.get(ledger.k_head) is None
+
+
+def test_a_replica_refuses_to_start_on_edited_weights(tiny_llama, ledger):
+    """A model copied from a live, edited replica is not a base: starting on it would take
+    edited tensors for base tensors and materialise every later version wrongly."""
+    apply_delta(tiny_llama, random_delta(tiny_llama, 0))
+    with pytest.raises(LedgerMismatchError, match="must start from unedited weights"):
+        Replica(tiny_llama, ledger).start()

@@ -233,3 +233,15 @@ def test_job_failure_is_reported(stack: Stack, monkeypatch):
     with pytest.raises(JobFailed, match="FAILED"):
         stack.client.edit(PROMPT, "Times Square", "Madrid").wait(timeout=120)
     assert stack.client.head().number == 0
+
+
+def test_request_deadline_is_enforced(stack: Stack):
+    fe = stack.server.frontend
+    fe.settings = dataclasses.replace(fe.settings, request_deadline=0.0)
+    expect(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "request-deadline",
+        stack.client.generate,
+        "Big Ben is in",
+        max_new_tokens=4,
+    )

@@ -24,8 +24,16 @@ def _client(args: argparse.Namespace) -> Any:
     if args.tls_ca or args.tls_cert:
         read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
         tls = TLS(read(args.tls_ca), read(args.tls_cert), read(args.tls_key))
-    token = args.token or os.environ.get("FACTPATCH_TOKEN")
+    token = args.token or os.environ.get("FACTPATCH_TOKEN") or _local_admin_token()
     return Client(args.target, token=token, tls=tls, timeout=args.timeout)
+
+
+def _local_admin_token() -> str | None:
+    """The all-in-one's generated admin token, when this machine runs ``factpatch up``."""
+    from factpatch.paths import default_data_dir
+
+    path = default_data_dir() / "admin.token"
+    return path.read_text().strip() if path.exists() else None
 
 
 def _version_line(v: Any) -> str:

@@ -28,7 +28,7 @@ from factpatch.corpus import Corpus, load_corpus
 from factpatch.editing.prompts import pad_batch
 from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle
-from factpatch.paths import cache_dir
+from factpatch.paths import cache_dir, staging_path
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,10 @@ def layer_covariances(
         computed = _accumulate(handle, missing, text, n_tokens, max_len, batch_size)
         for layer, stats in computed.items():
             path = _cache_path(handle, layer, text, n_tokens, max_len)
-            tmp = path.with_suffix(".tmp")
+            meta, tmp = staging_path(path.with_suffix(".json")), staging_path(path)
+            meta.write_text(json.dumps(stats.provenance, indent=1))
+            meta.replace(path.with_suffix(".json"))  # the sidecar first: readers open it second
             save_file({"cov": stats.cov.contiguous()}, str(tmp))
-            path.with_suffix(".json").write_text(json.dumps(stats.provenance, indent=1))
             tmp.replace(path)
             found[layer] = stats
     return found

@@ -12,7 +12,7 @@ import json
 import torch
 
 from factpatch.models.loading import ModelHandle
-from factpatch.paths import cache_dir
+from factpatch.paths import cache_dir, staging_path
 
 # Sentence openers the prefixes start from (as in the reference implementation).
 OPENERS = ("The", "Therefore", "Because", "I", "You")
@@ -37,7 +37,7 @@ def context_templates(handle: ModelHandle, spec: list[tuple[int, int]], seed: in
             for text in sample(handle, openers, length, generator):
                 clean = " ".join(text.replace("{", " ").replace("}", " ").split())
                 templates.append(clean + ". {}")
-        tmp = path.with_suffix(".tmp")
+        tmp = staging_path(path)
         tmp.write_text(json.dumps(templates, indent=1))
         tmp.replace(path)
     handle.cache[memo] = templates

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from typing import Any
 
 from factpatch.ledger import Ledger, Version, snapshot
@@ -21,7 +22,11 @@ def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", help="embedded Redis data dir when no URL (default: $FACTPATCH_DATA_DIR)"
     )
-    parser.add_argument("--ledger", default="default", help="ledger name (default: default)")
+    parser.add_argument(
+        "--ledger",
+        default=os.environ.get("FACTPATCH_LEDGER", "default"),
+        help="ledger name [FACTPATCH_LEDGER] (default: default)",
+    )
     parser.add_argument("--json", action="store_true")
 
 

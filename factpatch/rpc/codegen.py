@@ -1,5 +1,8 @@
 """Python code generated from ``proto/`` — by the build, never by hand.
 
+A wheel (``pip install .``) gets it from setup.py's build step; a source checkout (``pip install
+-e .``) from the first import, and again whenever a ``.proto`` file changes.
+
 ``ensure_generated()`` runs ``grpc_tools.protoc`` when the generated modules are missing or older
 than the ``.proto`` files (a stamp holds the sha256 of every proto file and the grpcio-tools
 version), writing into a temporary folder that is renamed into place under a file lock, so that
@@ -44,7 +47,7 @@ def ensure_generated() -> None:
     with open(PACKAGE_DIR / ".codegen.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _current(stamp):
-            _generate(stamp)
+            generate_into(PACKAGE_DIR, stamp)
 
 
 def _current(stamp: str) -> bool:
@@ -52,10 +55,14 @@ def _current(stamp: str) -> bool:
     return path.exists() and path.read_text() == stamp
 
 
-def _generate(stamp: str) -> None:
+def generate_into(package_dir: Path, stamp: str | None = None) -> None:
+    """Write ``package_dir/_gen`` from ``proto/`` (also used by setup.py when building a wheel,
+    so that an installed package carries its generated code and needs no ``proto/``)."""
     from grpc_tools import protoc
 
-    tmp_root = Path(tempfile.mkdtemp(prefix=".gen-", dir=PACKAGE_DIR))
+    stamp = stamp or _stamp()
+    gen_dir = package_dir / "_gen"
+    tmp_root = Path(tempfile.mkdtemp(prefix=".gen-", dir=package_dir))
     try:
         # Map proto/ to the virtual path factpatch/_gen so that generated imports read
         # "from factpatch._gen.inference import grpc_service_pb2".
@@ -75,10 +82,10 @@ def _generate(stamp: str) -> None:
         for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
             (folder / "__init__.py").touch()
         (out / "STAMP").write_text(stamp)
-        old = PACKAGE_DIR / f".gen-old-{stamp[:8]}"
-        if GEN_DIR.exists():
-            GEN_DIR.rename(old)
-        out.rename(GEN_DIR)
+        old = package_dir / f".gen-old-{stamp[:8]}"
+        if gen_dir.exists():
+            gen_dir.rename(old)
+        out.rename(gen_dir)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)

@@ -67,6 +67,7 @@ class StreamEvent:
     version: int
     restart: bool = False  # discard everything received before this event
     finish_reason: str | None = None  # set on the last event
+    tokens: int = 0  # tokens generated since the previous event
 
 
 @dataclass
@@ -138,8 +139,9 @@ def _decode(replica: Replica, ids: list[int], s: Sampling, pinned: bool) -> Iter
     eos = set(_eos_ids(replica))
     hold = max((len(x) for x in s.stop), default=1) - 1  # a stop string may be forming
     out: list[int] = []
-    sent, version, finish = 0, replica.version, "length"
+    sent, version, finish, pending = 0, replica.version, "length", 0
     for token, version in _steps(replica, ids, s, pinned):
+        pending += 1
         if token in eos:
             finish = "eos"
             break
@@ -153,13 +155,13 @@ def _decode(replica: Replica, ids: list[int], s: Sampling, pinned: bool) -> Iter
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
             ready = min(ready, len(text) - 1)
         if ready > sent:
-            yield StreamEvent(text[sent:ready], version)
-            sent = ready
+            yield StreamEvent(text[sent:ready], version, tokens=pending)
+            sent, pending = ready, 0
     else:
         text = tok.decode(out, skip_special_tokens=True)
     if finish == "eos":
         text = tok.decode(out, skip_special_tokens=True)
-    yield StreamEvent(text[sent:], version, finish_reason=finish)
+    yield StreamEvent(text[sent:], version, finish_reason=finish, tokens=pending)
 
 
 def _eos_ids(replica: Replica) -> list[int]:

@@ -33,8 +33,8 @@ import redis
 import torch
 
 from factpatch.editing.delta import Delta, load_weights, materialize
-from factpatch.ledger import Commit, Ledger, LedgerError, StaleHeadError
-from factpatch.models.loading import ModelHandle, tensor_sha256
+from factpatch.ledger import Commit, Ledger, LedgerError, LedgerMismatchError, StaleHeadError
+from factpatch.models.loading import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Replica:
         # was held).  New steps queue during both; only the second is the copy itself.
         self.applies: deque[tuple[int, float, float]] = deque(maxlen=10_000)
         self.on_apply: list[Callable[[int, float, float], None]] = []
+        self.on_fault: list[Callable[[str], None]] = []  # a version refused, and why
         self._deltas: dict[str, Delta] = {}
         self._apply_mutex = threading.Lock()
         self._stop = threading.Event()
@@ -69,7 +70,19 @@ class Replica:
         return self.started and self.fault is None
 
     def start(self) -> Replica:
-        """Create or check version 0 against this model's weights, then catch up to the head."""
+        """Check that the live weights are the base weights and that the ledger's version 0
+        names them (or create version 0), then catch up to the head.
+
+        The weights are hashed again here, not taken from the handle: a replica whose model was
+        already changed (say, copied from a live, edited model) would otherwise take edited
+        tensors for base tensors and materialise every later version wrongly.
+        """
+        actual = weights_hash(self.handle.model)
+        if actual != self.handle.base_hash:
+            raise LedgerMismatchError(
+                f"model weights hash {actual[:16]} is not the base {self.handle.base_hash[:16]}: "
+                "a replica must start from unedited weights"
+            )
         self.ledger.init(self.handle.base_hash, self.handle.name)
         self.catch_up()
         self.started = True
@@ -138,8 +151,12 @@ class Replica:
             return True
 
     def _refuse(self, number: int, reason: str) -> bool:
-        self.fault = f"version {number}: {reason}"
-        log.error("refusing %s", self.fault)
+        fault = f"version {number}: {reason}"
+        if fault != self.fault:  # report each refused version once, not at every poll
+            log.error("refusing %s", fault)
+            for callback in self.on_fault:
+                callback(fault)
+        self.fault = fault
         return False
 
     # -- following ---------------------------------------------------------------------------
@@ -233,20 +250,23 @@ class Replica:
         method: str = "rome",
         actor: str = "local",
         idempotency_key: str = "",
+        parent: int | None = None,
     ) -> Commit:
-        """Store deltas and commit head + them as one version (``cause.kind == "edit"``).
+        """Store deltas and commit ``parent`` + them as one version (``cause.kind == "edit"``).
 
-        The caller computed the deltas on version ``computed_on``; if the head has moved since,
-        StaleHeadError is raised so that the caller recomputes on the new head.
+        The caller computed the deltas on version ``computed_on`` (recorded with each edit) and
+        commits them on ``parent`` (default: the same version).  If the head is not ``parent``,
+        StaleHeadError is raised: the caller recomputes, or commits again on the new head.
         """
+        parent = computed_on if parent is None else parent
         ids = [
             self.ledger.put_edit(d, r, computed_on, method, actor).id
             for d, r in zip(deltas, requests, strict=True)
         ]
-        head = self.ledger.get(computed_on)
+        head = self.ledger.get(parent)
         hashes = self.hashes_for(list(head.edits) + ids, set(head.hashes))
         result = self.ledger.commit(
-            computed_on,
+            parent,
             list(head.edits) + ids,
             {"kind": "edit", "edits": ids, "method": method},
             hashes,

@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from factpatch import metrics
+from factpatch.auth import AuthInterceptor, TokenStore
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
 from factpatch.models.loading import ModelHandle
@@ -84,13 +86,19 @@ def build_server(
     queue: JobQueue,
     settings: Settings,
     credentials: grpc.ServerCredentials | None = None,
-    interceptors: list[grpc.ServerInterceptor] | None = None,
+    auth: TokenStore | None = None,
     max_workers: int = 16,
 ) -> Server:
+    """A server for ``handle``; ``auth=None`` serves without tokens (tests, --insecure-no-auth)."""
     frontend = Frontend(Replica(handle, ledger), ledger, queue, settings)
+    metrics.watch_replica(frontend.replica)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors or [],
+        # Metrics outermost, so that refused calls are counted with their status code.
+        interceptors=[
+            metrics.RpcMetrics(),
+            AuthInterceptor(auth, settings.max_streams_per_client),
+        ],
     )
     services = add_servicers(server, frontend)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

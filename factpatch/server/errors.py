@@ -31,6 +31,10 @@ class Unavailable(Exception):
     """The server cannot serve right now (loading, catching up, draining, hash fault)."""
 
 
+class DeadlineExceeded(Exception):
+    """A request ran longer than the configured request deadline."""
+
+
 class LimitExceeded(ValueError):
     """A request exceeds a configured limit (the message names the limit)."""
 
@@ -48,6 +52,8 @@ def status_for(err: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(err, Unavailable):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(err, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL
 
 

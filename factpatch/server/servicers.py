@@ -18,7 +18,8 @@ from typing import Any
 
 import grpc
 
-from factpatch import __version__
+from factpatch import __version__, metrics
+from factpatch.auth import current_actor
 from factpatch.config import Settings
 from factpatch.editing import EditRequest, InvalidEditError
 from factpatch.editing.prompts import encode
@@ -27,7 +28,7 @@ from factpatch.models.loading import tensor_sha256
 from factpatch.queue import Job, JobQueue, JobState
 from factpatch.rpc import oip, oip_grpc, pb, pb_grpc
 from factpatch.runtime import Replica, Sampling, generate, score, stream
-from factpatch.server.errors import LimitExceeded, Unavailable, rpc
+from factpatch.server.errors import DeadlineExceeded, LimitExceeded, Unavailable, rpc
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ class Frontend:
         return self.replica
 
     def actor(self, context: grpc.ServicerContext) -> str:
-        """Who asked (the authenticated caller once auth exists)."""
-        return dict(context.invocation_metadata()).get("x-factpatch-actor", "anonymous")
+        """Who asked: the authenticated token's name (``anonymous`` without auth)."""
+        return current_actor.get()
 
     def check_prompt(self, field: str, text: str) -> None:
         if not text:
@@ -62,6 +63,11 @@ class Frontend:
                 f"{field}: {len(text)} characters exceeds max-prompt-chars "
                 f"({self.settings.max_prompt_chars})"
             )
+
+    def check_deadline(self, started: float, context: grpc.ServicerContext) -> None:
+        limit = self.settings.request_deadline
+        if time.perf_counter() - started > limit:
+            raise DeadlineExceeded(f"request-deadline: ran longer than {limit} s")
 
     def sampling(self, request: Any) -> Sampling:
         n = request.max_new_tokens or 32
@@ -267,6 +273,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.LedgerChange:
         self.fe.ledger.get(request.to)  # NOT_FOUND before anything happens
         commit = self.fe.serving().rollback(request.to, actor=self.fe.actor(context))
+        metrics.ROLLBACKS.inc()
         return pb.LedgerChange(version=version_message(commit.version))
 
     @rpc
@@ -315,9 +322,17 @@ class GenerateService(pb_grpc.GenerateServiceServicer):
     def Generate(self, request: pb.GenerateRequest, context: Any) -> Iterator[pb.GenerateChunk]:
         self.fe.check_prompt("prompt", request.prompt)
         sampling = self.fe.sampling(request)
+        started, first = time.perf_counter(), True
         for event in stream(self.fe.serving(), request.prompt, sampling):
             if not context.is_active():
                 return
+            self.fe.check_deadline(started, context)
+            if first and event.text:
+                metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - started)
+                first = False
+            metrics.GENERATED_TOKENS.inc(event.tokens)
+            if event.finish_reason:
+                metrics.INFERENCE_DURATION.labels("generate").observe(time.perf_counter() - started)
             yield pb.GenerateChunk(
                 text=event.text,
                 version=event.version,
@@ -329,7 +344,8 @@ class GenerateService(pb_grpc.GenerateServiceServicer):
     def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
         self.fe.check_prompt("prompt", request.prompt)
         self.fe.check_prompt("continuation", request.continuation)
-        s = score(self.fe.serving(), request.prompt, request.continuation)
+        with metrics.timed(metrics.INFERENCE_DURATION.labels("score")):
+            s = score(self.fe.serving(), request.prompt, request.continuation)
         return pb.ScoreResponse(
             logprob=s.logprob, token_logprobs=s.token_logprobs, tokens=s.tokens, version=s.version
         )
@@ -397,12 +413,18 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             self.fe.check_prompt(f"inputs[{TEXT_IN}][{i}]", text)
         sampling = _sampling(request.parameters, self.fe.settings)
         replica = self.fe.serving()
-        for _ in range(3):  # every output of one response from one version
-            outs = [generate(replica, t, sampling) for t in texts]
-            if len({o.version for o in outs}) == 1:
-                break
-        else:
-            raise Unavailable("the model version changed during the batch; retry")
+        started = time.perf_counter()
+        with metrics.timed(metrics.INFERENCE_DURATION.labels("infer")):
+            for _ in range(3):  # every output of one response from one version
+                outs = []
+                for text in texts:
+                    self.fe.check_deadline(started, context)
+                    outs.append(generate(replica, text, sampling))
+                if len({o.version for o in outs}) == 1:
+                    break
+            else:
+                raise Unavailable("the model version changed during the batch; retry")
+        metrics.GENERATED_TOKENS.inc(sum(len(o.token_ids) for o in outs))
         raw = b"".join(struct.pack("<I", len(b)) + b for b in (o.text.encode() for o in outs))
         return oip.ModelInferResponse(
             model_name=self.name,

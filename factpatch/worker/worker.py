@@ -8,8 +8,10 @@ Edit job (``payload = {"edits": [EditRequest dicts], "method": "rome", "dry_run"
    computation); compute one delta for all the job's edits (ROME applied sequentially on the fly,
    rank r = number of edits; factpatch/editing/rome.py).
 3. Commit ``head + delta`` as one version with the ledger's compare-and-set, idempotency key
-   ``job.commit_key``.  A stale head (another worker committed first): recompute on the new head;
-   after ``STALE_RETRIES`` the job fails and is retried by the queue.
+   ``job.commit_key``.  A stale head (another worker committed first): if only edit versions
+   (at most ``rebase_limit``) came in between, commit the same delta on the new head (recorded
+   as computed on the old one); otherwise recompute on the new head.  After ``STALE_RETRIES``
+   recomputations the job fails and the queue retries it.
 4. ``lease.succeed({"version": n, ...})`` stores the result, then acknowledges.
 
 Batching policy: one job is one version.  A job may carry several edits (computed together,
@@ -28,10 +30,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from typing import Any
 
+import redis
+
+from factpatch import metrics
 from factpatch.editing import DegenerateEditError, EditRequest, compute_edit, default_hparams
 from factpatch.ledger import Ledger, StaleHeadError
 from factpatch.models.loading import ModelHandle
@@ -53,8 +59,10 @@ class Worker:
         poll_interval: float = 1.0,
         kinds: tuple[str, ...] = ("edit", "trace"),
         hparams: dict[str, Any] | None = None,
+        rebase_limit: int = 8,
     ) -> None:
         self.replica = Replica(handle, ledger)
+        metrics.watch_replica(self.replica)
         self.ledger, self.queue = ledger, queue
         self.name = name or new_consumer_name()  # unique per process: a restart is a new name
         self.poll_interval = poll_interval
@@ -62,6 +70,7 @@ class Worker:
         self.stopping = threading.Event()
         self.jobs_done = 0
         self.hparams = dict(hparams or {})  # overrides of the model's ROME defaults
+        self.rebase_limit = rebase_limit
 
     def run(self) -> None:
         """Serve jobs until :meth:`stop` (finishes the job in hand first)."""
@@ -71,22 +80,48 @@ class Worker:
         log.info("worker %s ready at version %d", self.name, self.replica.version)
         try:
             while not self.stopping.is_set():
-                for lease in self.queue.claim(self.name, self.kinds, block_ms=500):
-                    self.handle(lease)
+                try:
+                    leases = self.queue.claim(self.name, self.kinds, block_ms=500)
+                except (redis.RedisError, ConnectionError) as err:  # Redis restarting: wait, retry
+                    log.warning("queue unreachable (%s); retrying", err)
+                    self.stopping.wait(self.poll_interval)
+                    continue
+                for lease in leases:
+                    self._handle_until_done(lease)
         finally:
             stop_heartbeat()
             self.replica.stop()
+
+    def _handle_until_done(self, lease: Lease) -> None:
+        """Run the job; if Redis goes away meanwhile, run it again once it is back.  Running
+        again is safe: an edit that was committed is found by its commit key, not redone."""
+        while not self.stopping.is_set():
+            try:
+                self.handle(lease)
+                return
+            except (redis.RedisError, ConnectionError) as err:
+                log.warning("job %s: Redis unreachable (%s); retrying", lease.job.id, err)
+                self.stopping.wait(self.poll_interval)
 
     def stop(self) -> None:
         self.stopping.set()
 
     def handle(self, lease: Lease) -> None:
+        started = time.perf_counter()
         try:
-            self._handle(lease)
+            outcome = self._handle(lease)
         except LeaseLostError as err:  # presumed dead and reclaimed meanwhile: drop the work
             log.warning("job %s: lease lost (%s); another worker has it", lease.job.id, err)
+            outcome = "lost"
+        kind = lease.job.kind
+        metrics.JOB_DURATION.labels(kind, outcome).observe(time.perf_counter() - started)
+        if outcome == "queued":
+            metrics.JOB_RETRIES.labels(kind).inc()
+        elif outcome == "dead":
+            metrics.DEAD_LETTERS.labels(kind).inc()
 
-    def _handle(self, lease: Lease) -> None:
+    def _handle(self, lease: Lease) -> str:
+        """Run the job; returns its outcome (the job's new state)."""
         job = lease.job
         started = time.perf_counter()
         try:
@@ -95,21 +130,20 @@ class Worker:
             elif job.kind == "trace":
                 result = self._trace(lease)
             else:
-                lease.fail(f"kind: unknown job kind {job.kind!r}", retry=False)
-                return
+                return lease.fail(f"kind: unknown job kind {job.kind!r}", retry=False).state.value
         except (ValueError, DegenerateEditError) as err:  # the request itself is bad
-            lease.fail(f"{type(err).__name__}: {err}", retry=False)
-            return
+            return lease.fail(f"{type(err).__name__}: {err}", retry=False).state.value
+        except (LeaseLostError, redis.RedisError, ConnectionError):
+            raise  # lease lost: drop the work; Redis away: run the job again once it is back
         except Exception as err:  # transient or unknown: the queue retries, then dead-letters
             log.exception("job %s failed", job.id)
-            lease.fail(f"{type(err).__name__}: {err}", retry=True)
-            return
+            return lease.fail(f"{type(err).__name__}: {err}", retry=True).state.value
         if result is None:  # cancelled
-            lease.cancelled()
-            return
+            return lease.cancelled().state.value
         result["seconds"] = round(time.perf_counter() - started, 3)
         lease.succeed(result)
         self.jobs_done += 1
+        return "succeeded"
 
     # -- edits -------------------------------------------------------------------------------
 
@@ -130,6 +164,10 @@ class Worker:
                 computed_on = self.replica.version
                 hparams = default_hparams(self.replica.handle, **self.hparams)
                 delta = compute_edit(self.replica.handle, requests, hparams)
+            for stats in delta.provenance.get("stats", []):
+                for phase in ("keys", "optimise", "solve"):
+                    if phase in stats.get("seconds", {}):
+                        metrics.EDIT_PHASE.labels(phase).observe(stats["seconds"][phase])
             if lease.cancel_requested():
                 return None
             stats = delta.provenance.get("stats", [])
@@ -141,24 +179,50 @@ class Worker:
             if job.payload.get("dry_run"):
                 return {"dry_run": True, "edit_id": delta.digest(), **summary}
             lease.progress({"phase": "committing", "fraction": 0.9})
-            try:
-                commit = self.replica.add_edits(
-                    [delta],
-                    [[r.to_dict() for r in requests]],
-                    computed_on,
-                    method=method,
-                    actor=job.actor or "anonymous",
-                    idempotency_key=job.commit_key,
-                )
-            except StaleHeadError:
+            parent = computed_on
+            while True:
+                try:
+                    with metrics.timed(metrics.EDIT_PHASE.labels("commit")):
+                        commit = self.replica.add_edits(
+                            [delta],
+                            [[r.to_dict() for r in requests]],
+                            computed_on,
+                            method=method,
+                            actor=job.actor or "anonymous",
+                            idempotency_key=job.commit_key,
+                            parent=parent,
+                        )
+                    _crash_point("after_commit")
+                    break
+                except StaleHeadError as stale:
+                    if not self._can_rebase(computed_on, stale.head):
+                        commit = None
+                        break
+                    log.info("job %s: rebasing from %d onto %d", job.id, parent, stale.head)
+                    parent = stale.head
+            if commit is None:
                 log.info("job %s: head moved past %d; recomputing", job.id, computed_on)
                 continue
+            summary["committed_on"] = commit.version.parent
             return {
                 "version": commit.version.number,
                 "edit_ids": list(commit.version.cause["edits"]),
                 **summary,
             }
         raise StaleHeadError(computed_on, self.ledger.head())
+
+    def _can_rebase(self, computed_on: int, head: int) -> bool:
+        """Commit a delta computed on ``computed_on`` on top of ``head`` without recomputing?
+
+        Yes when only edit versions came in between (no rollback or revert changed what the
+        delta was computed against) and at most ``rebase_limit`` of them: rank-one edits of
+        other facts barely interact, and recomputing each time the head moves would serialise
+        M workers into one.  ``rebase_limit = 0``: always recompute on the new head.
+        """
+        if head - computed_on > self.rebase_limit:
+            return False
+        between = self.ledger.versions(computed_on + 1, head)
+        return all(v.cause.get("kind") == "edit" for v in between)
 
     # -- traces ------------------------------------------------------------------------------
 
@@ -182,6 +246,14 @@ class Worker:
         if p.get("render_png"):
             out["png_b64"] = base64.b64encode(_render_png(result)).decode()
         return out
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests (tests/test_faults.py): with
+    ``FACTPATCH_CRASH_AT=<name>`` the process dies here as if killed (no cleanup, no ack)."""
+    if os.environ.get("FACTPATCH_CRASH_AT") == name:
+        log.error("FACTPATCH_CRASH_AT=%s: exiting now", name)
+        os._exit(137)
 
 
 def _render_png(result: Any) -> bytes:
