@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from factpatch.ledger.cli import add_ledger_parser
 
     add_ledger_parser(sub, _model_args)
+    from factpatch.tracing.cli import add_trace_parser
+
+    add_trace_parser(sub)
     _add_service_parsers(sub)
     return parser
 

@@ -245,3 +245,20 @@ def test_request_deadline_is_enforced(stack: Stack):
         "Big Ben is in",
         max_new_tokens=4,
     )
+
+
+def test_trace_job_runs_on_a_worker_and_returns_the_heatmap(stack: Stack):
+    job = stack.client.trace(
+        "The Eiffel Tower is located in the city of",
+        "The Eiffel Tower",
+        kind="mlp",
+        samples=2,
+        window=2,
+        render_png=True,
+    ).wait(timeout=120)
+    t = job.trace
+    assert t.version == 0 and t.kind == "mlp"
+    assert len(t.scores) == len(t.tokens) * len(t.layers) and len(t.layers) == 4
+    assert t.subject_end > t.subject_start >= 0
+    assert 0.0 <= t.corrupted <= 1.0 and 0.0 <= t.clean <= 1.0
+    assert t.png.startswith(b"\x89PNG")

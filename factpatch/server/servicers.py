@@ -114,7 +114,7 @@ def job_message(job: Job) -> pb.Job:
 
 def trace_message(result: dict[str, Any]) -> pb.TraceResult:
     data = json.loads(result["trace"])
-    matrix = data["scores"]
+    matrix = data["matrix"]  # [tokens][layers]
     return pb.TraceResult(
         tokens=data["tokens"],
         layers=data["layers"],

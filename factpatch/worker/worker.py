@@ -257,10 +257,10 @@ def _crash_point(name: str) -> None:
 
 
 def _render_png(result: Any) -> bytes:
-    import io
+    import tempfile
+    from pathlib import Path
 
-    from factpatch.tracing import plot_trace
+    from factpatch.tracing.plots import plot_traces
 
-    buffer = io.BytesIO()
-    plot_trace(result, buffer)
-    return buffer.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        return plot_traces([result], Path(tmp) / "trace.png").read_bytes()
