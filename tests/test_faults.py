@@ -4,6 +4,7 @@ committed twice, nothing corrupt is served.  Every test is bounded in time."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 import uuid
 
@@ -156,3 +157,26 @@ def test_corrupt_delta_blob_is_refused_by_a_new_replica_only(setup, env, procs):
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in info.value.details()
     assert healthy.ready() and healthy.served().version == 1  # unaffected
     assert healthy.generate("Big Ben is in", max_new_tokens=2).version == 1
+
+
+def test_sigterm_drains_the_server_and_lets_the_worker_finish(setup, env, procs):
+    args, ledger, queue = setup
+    server = Proc(["server", *args, "--port", "0", "--insecure-no-auth"], env)
+    procs.append(server)
+    fp = Client(f"127.0.0.1:{server.wait_for(LISTENING, 120).group(2)}", timeout=120)
+    fp.wait_ready(60)
+    busy = worker(args, env, SLOW)
+    procs.append(busy)
+    job = fp.edit(PROMPT, "Big Ben", "Oslo")
+    until(lambda: queue.get(job.id).state == JobState.RUNNING, 120, "the job to start")
+    busy.popen.send_signal(signal.SIGTERM)  # mid-edit: it finishes the job in hand, then exits
+    assert busy.popen.wait(timeout=300) == 0, "".join(busy.log)
+    assert queue.get(job.id).state == JobState.SUCCEEDED and ledger.head() == 1
+
+    stream = fp.stream("Big Ben is in", max_new_tokens=300)
+    first = next(stream)  # a request in flight
+    server.popen.send_signal(signal.SIGTERM)
+    rest = list(stream)  # drained: the stream runs to its end
+    assert (rest or [first])[-1].finish_reason in ("length", "eos")
+    assert server.popen.wait(timeout=60) == 0, "".join(server.log)
+    fp.close()

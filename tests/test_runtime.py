@@ -277,3 +277,16 @@ def test_a_replica_refuses_to_start_on_edited_weights(tiny_llama, ledger):
     apply_delta(tiny_llama, random_delta(tiny_llama, 0))
     with pytest.raises(LedgerMismatchError, match="must start from unedited weights"):
         Replica(tiny_llama, ledger).start()
+
+
+def test_non_finite_delta_is_refused_before_commit(tiny_llama, ledger):
+    replica = Replica(tiny_llama, ledger).start()
+    delta = random_delta(tiny_llama, 0)
+    path = next(iter(delta.factors))
+    left, right = delta.factors[path]
+    left = left.clone()
+    left[0, 0] = float("nan")
+    delta.factors[path] = (left, right)
+    with pytest.raises(ValueError, match="non-finite"):
+        replica.add_edits([delta], [[{}]], 0)
+    assert ledger.head() == 0 and ledger.redis.hlen(ledger.k_blobs) == 0

@@ -259,6 +259,10 @@ class Replica:
         StaleHeadError is raised: the caller recomputes, or commits again on the new head.
         """
         parent = computed_on if parent is None else parent
+        for delta in deltas:  # the last line of defence before a version exists
+            for path, factors in delta.factors.items():
+                if not all(bool(torch.isfinite(f).all()) for f in factors):
+                    raise ValueError(f"deltas: non-finite factors for {path}; not committed")
         ids = [
             self.ledger.put_edit(d, r, computed_on, method, actor).id
             for d, r in zip(deltas, requests, strict=True)
