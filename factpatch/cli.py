@@ -138,6 +138,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from factpatch.evaluation.counterfact import evaluate, load_records
 
+    if args.sequential is not None or args.method != "rome":
+        return _cmd_eval_sequential(args)
     handle = _load(args)
     hp = _hparams(handle, args)
     records = load_records(args.data, args.n)
@@ -159,6 +161,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"  seconds/edit  mean {report['seconds_per_edit']:.2f}, "
             f"median {report['median_seconds_per_edit']:.2f}; refused {report['refused']}"
         )
+    return 0
+
+
+def _cmd_eval_sequential(args: argparse.Namespace) -> int:
+    """``--sequential N --batch B``: N edits applied cumulatively (evaluation/sequential.py)."""
+    from factpatch.editing import default_memit_hparams
+    from factpatch.evaluation.counterfact import load_records
+    from factpatch.evaluation.sequential import evaluate_sequential
+
+    if args.sequential is None:
+        raise ValueError(f"--method {args.method}: give --sequential N (and --batch B)")
+    handle = _load(args)
+    if args.method == "rome":
+        hp = _hparams(handle, args)
+    else:
+        if args.layer is not None:
+            raise ValueError("--layer: MEMIT/AlphaEdit take --set layers=[...]")
+        overrides = {k: json.loads(v) for k, _, v in (i.partition("=") for i in args.set)}
+        hp = default_memit_hparams(handle, **overrides)
+    records = load_records(args.data, args.sequential)
+    report = evaluate_sequential(
+        handle,
+        records,
+        args.method,
+        hp,
+        batch=args.batch or len(records),
+        corpus=args.corpus,
+        checkpoint=args.checkpoint,
+        max_batches=args.max_batches,
+        progress=not args.quiet,
+    )
+    report.update(model=handle.name, data=args.data)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        u = report["unedited"]
+        n, batch = report["n_edits"], report["batch"]
+        print(f"CounterFact, {n} sequential edits ({args.method}), batch {batch}")
+        for point in report["curve"]:
+            print(
+                f"  after {point['n_edits']:5d}: ES {point['efficacy']:5.1f} PS "
+                f"{point['paraphrase']:5.1f} NS {point['neighborhood']:5.1f}"
+            )
+        print(f"  unedited (all {len(records)}): NS {u['neighborhood']:.1f}")
+        if "fluency" in report:
+            print(
+                f"  fluency {report['fluency']['ngram_entropy']:.3f} "
+                f"(unedited {report['unedited_fluency']['ngram_entropy']:.3f}); perplexity "
+                f"{report['perplexity']:.2f} (unedited {report['unedited_perplexity']:.2f})"
+            )
     return 0
 
 
@@ -187,15 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--json", action="store_true", help="print one JSON object")
     cf.add_argument("--out", help="also write the per-record results here")
     cf.add_argument("--quiet", action="store_true", help="no per-record progress")
+    cf.add_argument("--method", choices=["rome", "memit", "alphaedit"], default="rome")
+    cf.add_argument("--sequential", type=int, metavar="N", help="apply N edits cumulatively")
+    cf.add_argument("--batch", type=int, metavar="B", help="edits per batch (default: N)")
+    cf.add_argument("--checkpoint", metavar="DIR", help="save/resume a sequential run here")
+    cf.add_argument("--max-batches", type=int, help="stop after this many batches (resumable)")
     cf.set_defaults(func=cmd_eval)
 
     from factpatch.ledger.cli import add_ledger_parser
 
     add_ledger_parser(sub, _model_args)
+    _add_service_parsers(sub)
     from factpatch.tracing.cli import add_trace_parser
 
     add_trace_parser(sub)
-    _add_service_parsers(sub)
     return parser
 
 

@@ -1,7 +1,14 @@
-"""The editing engine: ROME deltas computed purely, applied or materialised separately."""
+"""The editing engine: ROME and MEMIT/AlphaEdit deltas computed purely, applied or materialised
+separately."""
 
 from factpatch.editing.delta import Delta, apply_delta, base_weights, load_weights, materialize
-from factpatch.editing.hparams import RomeHParams, default_hparams
+from factpatch.editing.hparams import (
+    MemitHParams,
+    RomeHParams,
+    default_hparams,
+    default_memit_hparams,
+)
+from factpatch.editing.memit import SequentialState, compute_alphaedit, compute_memit
 from factpatch.editing.requests import EditRequest, InvalidEditError
 from factpatch.editing.rome import DegenerateEditError, compute_edit
 
@@ -10,11 +17,16 @@ __all__ = [
     "Delta",
     "EditRequest",
     "InvalidEditError",
+    "MemitHParams",
     "RomeHParams",
+    "SequentialState",
     "apply_delta",
     "base_weights",
+    "compute_alphaedit",
     "compute_edit",
+    "compute_memit",
     "default_hparams",
+    "default_memit_hparams",
     "load_weights",
     "materialize",
 ]

@@ -1,4 +1,5 @@
-"""ROME hyperparameters; per-model defaults live in ``factpatch/data/hparams.json``."""
+"""ROME and MEMIT/AlphaEdit hyperparameters; per-model defaults live in
+``factpatch/data/hparams.json`` (top level: ROME; the ``"memit"`` section: MEMIT and AlphaEdit)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,92 @@ def default_hparams(handle: ModelHandle, **overrides: Any) -> RomeHParams:
     if unknown:
         raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
     return RomeHParams(**values)
+
+
+@dataclass(frozen=True)
+class MemitHParams:
+    """MEMIT (Meng et al. 2022b, arXiv 2210.07229) and AlphaEdit (Fang et al. 2025, arXiv
+    2410.02355) settings.
+
+    The target-value optimisation (``steps`` … ``template_seed``) is ROME's, run at the last
+    layer of ``layers``; ``mom2_update_weight`` is MEMIT's λ in ``Δ = R Kᵀ (λC + KKᵀ)⁻¹``;
+    ``nullspace_threshold`` and ``nullspace_l2`` are AlphaEdit's eigenvalue threshold for the
+    null-space projector P and its α in ``Δ = R Kᵀ P ((K_pK_pᵀ + KKᵀ)P + αI)⁻¹``.
+    """
+
+    layers: tuple[int, ...]
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    early_stop_nll: float = 0.05
+    templates: tuple[tuple[int, int], ...] = ((10, 5),)
+    template_seed: int = 0
+    cov_tokens: int = 100_000
+    mom2_update_weight: float = 15_000.0  # λ (GPT-J reference value)
+    nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span P
+    nullspace_l2: float = 10.0  # AlphaEdit: α
+    max_update_ratio: float = 0.5  # guard per layer: ‖ΔW_l‖_F / ‖W_l‖_F above this is refused
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        if not layers or list(layers) != sorted(set(layers)):
+            raise ValueError("layers: a non-empty, strictly increasing list of layer indices")
+        if self.steps < 0 or self.lr <= 0 or self.cov_tokens <= 0:
+            raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
+        if self.mom2_update_weight < 0 or self.nullspace_l2 <= 0 or self.nullspace_threshold < 0:
+            raise ValueError(
+                "mom2_update_weight and nullspace_threshold must be >= 0; nullspace_l2 > 0"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **overrides: Any) -> MemitHParams:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
+        return _memit(replace(self, **overrides).to_dict())
+
+    def z_hparams(self) -> RomeHParams:
+        """ROME's settings for the target-value optimisation at the last edited layer."""
+        return RomeHParams(
+            layer=self.layers[-1],
+            steps=self.steps,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            kl_factor=self.kl_factor,
+            clamp_norm_factor=self.clamp_norm_factor,
+            early_stop_nll=self.early_stop_nll,
+            templates=self.templates,
+            template_seed=self.template_seed,
+            cov_tokens=self.cov_tokens,
+        )
+
+
+def _memit(values: dict[str, Any]) -> MemitHParams:
+    values = {k: v for k, v in values.items() if not k.startswith("_")}
+    unknown = set(values) - {f.name for f in fields(MemitHParams)}
+    if unknown:
+        raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
+    if "templates" in values:
+        values["templates"] = tuple(tuple(t) for t in values["templates"])
+    if "layers" in values:
+        values["layers"] = tuple(int(layer) for layer in values["layers"])
+    return MemitHParams(**values)
+
+
+def default_memit_hparams(handle: ModelHandle, **overrides: Any) -> MemitHParams:
+    """The measured MEMIT/AlphaEdit defaults for a bundled model, else the generic ones with
+    five consecutive layers ending at about a third of the depth (GPT-J's 3–8 of 28 in the
+    paper is the same shape)."""
+    section = _table()["memit"]
+    values = dict(section["generic"])
+    values.update(section["models"].get(handle.name, {}))
+    if "layers" not in values:
+        end = max(0, round(handle.n_layers / 3) - 1)
+        values["layers"] = list(range(max(0, end - 4), end + 1))
+    values.update(overrides)
+    return _memit(values)

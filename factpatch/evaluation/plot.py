@@ -1,0 +1,62 @@
+"""Plot sequential-editing curves (ES/PS/NS against the number of edits), one line per method.
+
+python -m factpatch.evaluation.plot bench/results/sequential_*.json --out docs/images/x.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+METRICS = (
+    ("efficacy", "Efficacy (ES)"),
+    ("paraphrase", "Paraphrase (PS)"),
+    ("neighborhood", "Neighbourhood (NS)"),
+)
+COLOURS = {"rome": "tab:red", "memit": "tab:blue", "alphaedit": "tab:green"}
+
+
+def plot(reports: list[dict], out: str, title: str) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    for (key, label), ax in zip(METRICS, axes, strict=True):
+        for report in reports:
+            xs = [p["n_edits"] for p in report["curve"]]
+            ys = [p[key] for p in report["curve"]]
+            method = report["method"]
+            ax.plot(xs, ys, marker="o", color=COLOURS.get(method), label=method)
+        if key == "neighborhood":
+            first = reports[0]
+            xs = [p["n_edits"] for p in first["curve"]]
+            unedited = [p["unedited_neighborhood"] for p in first["curve"]]
+            ax.plot(xs, unedited, "k--", label="unedited")
+        ax.set_title(label)
+        ax.set_xlabel("number of edits")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% of edited facts")
+    axes[-1].legend(loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("reports", nargs="+")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--title", default="Sequential CounterFact edits, gemma-3-270m")
+    args = parser.parse_args(argv)
+    plot([json.loads(Path(p).read_text()) for p in args.reports], args.out, args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

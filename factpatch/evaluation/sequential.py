@@ -1,0 +1,440 @@
+"""Many edits, one after another: CounterFact edits applied cumulatively in batches.
+
+``N`` records are edited in batches of ``B`` on a model that keeps every earlier batch
+(materialised exactly from a kept copy of the base tensors: ``base + Σ deltas`` in float32,
+:func:`factpatch.editing.materialize`).  After every batch the efficacy, paraphrase and
+neighbourhood scores of *all* facts edited so far are measured (the single-edit definitions,
+:mod:`factpatch.evaluation.counterfact`), which gives the curve of quality against the number of
+edits (MEMIT, Meng et al. 2022b, sec. 5.2; AlphaEdit, Fang et al. 2025, sec. 4).  Before the
+first batch and after the last one it also measures
+
+* **fluency**: the weighted bi-/tri-gram entropy of generations (ROME/MEMIT papers: 2/3·H₂ +
+  4/3·H₃, averaged over n and then over texts; bits) from the edited facts' prompts, top-5
+  sampling with a fixed seed;
+* **perplexity** on held-back Wikipedia paragraphs: the *last* paragraphs of the bundled corpus
+  in its sorted order, whereas the covariance statistics read it from the start (the run's JSON
+  records the indices, and how many paragraphs the covariance read).
+
+Methods: ``rome`` (plain ROME, one edit after another on the edited model; a batch is just a
+checkpoint), ``memit`` (one MEMIT delta per batch), ``alphaedit`` (one AlphaEdit delta per
+batch, the :class:`SequentialState` threaded from batch to batch).
+
+Runs can be split: with ``checkpoint`` set, every batch's delta (and AlphaEdit's state, and the
+curve so far) is saved, and a later call with the same folder continues from there.  The base
+weights are restored bit-for-bit at the end of every call (checked against the weights hash).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from factpatch.corpus import load_corpus
+from factpatch.editing import (
+    DegenerateEditError,
+    Delta,
+    MemitHParams,
+    RomeHParams,
+    SequentialState,
+    base_weights,
+    compute_alphaedit,
+    compute_edit,
+    compute_memit,
+    load_weights,
+    materialize,
+)
+from factpatch.editing.covariance import layer_covariances
+from factpatch.editing.prompts import continuation, pad_batch
+from factpatch.editing.templates import context_templates
+from factpatch.evaluation.counterfact import request_for, summarise
+from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
+from factpatch.models.loading import ModelHandle, weights_hash
+
+METHODS = ("rome", "memit", "alphaedit")
+PAIR_KEYS = ("rewrite_new", "rewrite_true", "para_new", "para_true", "nb_new", "nb_true")
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def _logits_at(handle: ModelHandle, normed: torch.Tensor) -> torch.Tensor:
+    """LM head (+ soft-capping) on final-norm outputs [N, d]."""
+    logits = handle.module(handle.adapter.head)(normed)
+    cap = getattr(handle.model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def _final_hidden(handle: ModelHandle, ids: torch.Tensor) -> torch.Tensor:
+    """The final norm's output [B, T, d]: the whole model except the LM head."""
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _args, output):
+        out["h"] = output
+        raise StopForward
+
+    with thread_hooks(forward=[(handle.module(handle.adapter.final_norm), keep)]):
+        run_until_stop(handle.model, input_ids=ids, use_cache=False)
+    return out["h"]
+
+
+@torch.no_grad()
+def score_pairs(
+    handle: ModelHandle, pairs: list[tuple[str, str]], rows_per_pass: int = 48
+) -> list[float]:
+    """Mean token log-probability of each ``target`` after its ``prompt``: the same quantity as
+    :func:`factpatch.editing.prompts.continuation_logprobs`, with the LM head evaluated only at
+    the positions that predict a target token (the head is most of the cost on a 262k vocab)."""
+    out: list[float] = []
+    tok, device = handle.tokenizer, handle.device
+    for first in range(0, len(pairs), rows_per_pass):
+        encoded = [continuation(tok, p, t) for p, t in pairs[first : first + rows_per_pass]]
+        hidden = _final_hidden(handle, pad_batch([e[0] for e in encoded], tok.pad_token_id, device))
+        rows, pos, targets, owner = [], [], [], []
+        for row, (seq, n_prompt) in enumerate(encoded):
+            for j in range(n_prompt, len(seq)):
+                rows.append(row)
+                pos.append(j - 1)
+                targets.append(seq[j])
+                owner.append(row)
+        picked = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
+        log_probs = torch.log_softmax(_logits_at(handle, picked).float(), -1)  # [P, V]
+        token_lp = log_probs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+        owner_t = torch.tensor(owner, device=device)
+        sums = torch.zeros(len(encoded), device=device).index_add_(0, owner_t, token_lp)
+        counts = torch.bincount(owner_t, minlength=len(encoded)).float()
+        out.extend((sums / counts).tolist())
+    return out
+
+
+def measure_records(handle: ModelHandle, records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """P(new)/P(true) on each record's rewrite, paraphrase and neighbour prompts (as
+    :func:`factpatch.evaluation.counterfact.measure`, batched over records)."""
+    pairs = []
+    for r in records:
+        new, true, loc = r["target_new"], r["ground_truth"], r["locality_ground_truth"]
+        pairs += [
+            (r["prompt"], new),
+            (r["prompt"], true),
+            (r["rephrase_prompt"], new),
+            (r["rephrase_prompt"], true),
+            (r["locality_prompt"], new),
+            (r["locality_prompt"], loc),
+        ]
+    probs = [math.exp(lp) for lp in score_pairs(handle, pairs)]
+    n = len(PAIR_KEYS)
+    return [
+        dict(zip(PAIR_KEYS, probs[i * n : (i + 1) * n], strict=True)) for i in range(len(records))
+    ]
+
+
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """ROME/MEMIT's fluency: mean over n of weight_n · entropy (bits) of the text's word
+    n-grams (words and punctuation marks as tokens, like NLTK's word tokenizer)."""
+    words = re.findall(r"\w+|[^\w\s]", text)
+    parts = []
+    for n, w in zip(ns, weights, strict=True):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        parts.append(w * h)
+    return statistics.fmean(parts)
+
+
+@torch.no_grad()
+def generate_texts(
+    handle: ModelHandle, prompts: list[str], max_new_tokens: int = 40, seed: int = 0
+) -> list[str]:
+    """Prompt + continuation for each prompt: top-5 sampling (as the ROME/MEMIT evaluation),
+    seeded, left-padded batches with the KV cache."""
+    tok, device = handle.tokenizer, handle.device
+    texts: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for first in range(0, len(prompts), 32):
+            chunk = prompts[first : first + 32]
+            rows = [tok(p)["input_ids"] for p in chunk]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r) :] = torch.tensor(r)
+                mask[i, width - len(r) :] = 1
+            out = handle.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                top_k=5,
+                top_p=1.0,
+                temperature=1.0,
+                pad_token_id=tok.pad_token_id,
+            )
+            for prompt, row in zip(chunk, out[:, width:], strict=True):
+                texts.append(prompt + tok.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def fluency(handle: ModelHandle, prompts: list[str], max_new_tokens: int = 40) -> dict[str, Any]:
+    texts = generate_texts(handle, prompts, max_new_tokens)
+    return {
+        "ngram_entropy": statistics.fmean(ngram_entropy(t) for t in texts),
+        "n_prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "samples": texts[:3],
+    }
+
+
+def heldout_paragraphs(corpus: str | None, n: int) -> tuple[list[str], list[int]]:
+    """The last ``n`` paragraphs of the corpus (the covariance reads it from the start)."""
+    texts = load_corpus(corpus).texts
+    first = len(texts) - n
+    return list(texts[first:]), list(range(first, len(texts)))
+
+
+@torch.no_grad()
+def perplexity(handle: ModelHandle, texts: list[str], max_len: int = 128) -> float:
+    """exp(mean NLL per predicted token) over ``texts``, each truncated to ``max_len`` tokens."""
+    tok, device = handle.tokenizer, handle.device
+    total, count = 0.0, 0
+    for first in range(0, len(texts), 4):
+        rows = [
+            tok(t, truncation=True, max_length=max_len)["input_ids"]
+            for t in texts[first : first + 4]
+        ]
+        hidden = _final_hidden(handle, pad_batch(rows, tok.pad_token_id, device))
+        for row, seq in enumerate(rows):
+            logits = _logits_at(handle, hidden[row, : len(seq) - 1]).float()
+            target = torch.tensor(seq[1:], device=device)
+            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            count += len(seq) - 1
+    return math.exp(total / count)
+
+
+def _covariance_paragraphs(handle: ModelHandle, n_tokens: int, corpus: str | None) -> int:
+    """How many leading paragraphs the covariance statistics read (max_len 256, as there)."""
+    tok, seen = handle.tokenizer, 0
+    for i, text in enumerate(load_corpus(corpus).texts):
+        seen += len(tok(text, truncation=True, max_length=256)["input_ids"])
+        if seen >= n_tokens:
+            return i + 1
+    return i + 1
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def _layers(method: str, hparams: RomeHParams | MemitHParams) -> list[int]:
+    wanted = RomeHParams if method == "rome" else MemitHParams
+    if not isinstance(hparams, wanted):
+        raise ValueError(f"hparams: method {method} takes {wanted.__name__}")
+    return [hparams.layer] if isinstance(hparams, RomeHParams) else list(hparams.layers)
+
+
+def _compute_batch(
+    handle: ModelHandle,
+    method: str,
+    records: list[dict[str, Any]],
+    hparams: RomeHParams | MemitHParams,
+    corpus: str | None,
+    state: SequentialState | None,
+    apply: Any,
+) -> tuple[list[Delta], SequentialState | None, list[str]]:
+    """The deltas of one batch (ROME: one per record, each applied before the next)."""
+    requests = [request_for(r) for r in records]
+    refused: list[str] = []
+    if isinstance(hparams, RomeHParams):
+        deltas = []
+        for request in requests:
+            try:
+                delta = compute_edit(handle, request, hparams, corpus=corpus)
+            except DegenerateEditError as err:
+                refused.append(str(err))
+                continue
+            deltas.append(delta)
+            apply([delta])
+        return deltas, state, refused
+    try:
+        if method == "memit":
+            deltas = [compute_memit(handle, requests, hparams, corpus=corpus)]
+        else:
+            delta, state = compute_alphaedit(handle, requests, hparams, state=state, corpus=corpus)
+            deltas = [delta]
+    except DegenerateEditError as err:
+        return [], state, [str(err)]
+    apply(deltas)
+    return deltas, state, refused
+
+
+def evaluate_sequential(
+    handle: ModelHandle,
+    records: list[dict[str, Any]],
+    method: str,
+    hparams: RomeHParams | MemitHParams,
+    *,
+    batch: int,
+    corpus: str | None = None,
+    checkpoint: str | Path | None = None,
+    max_batches: int | None = None,
+    fluency_prompts: int = 50,
+    fluency_tokens: int = 40,
+    ppl_paragraphs: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Edit ``records`` cumulatively in batches of ``batch``; the JSON-ready report.
+
+    With ``checkpoint``, resumes from (and saves to) that folder, and ``max_batches`` limits the
+    batches done in this call; ``report["complete"]`` says whether all records are edited."""
+    if method not in METHODS:
+        raise ValueError(f"method: choose one of {', '.join(METHODS)}")
+    if batch < 1:
+        raise ValueError("batch: must be at least 1")
+    layers = _layers(method, hparams)
+    paths = [handle.adapter.rewrite_path(j) for j in layers]
+    base_hash = weights_hash(handle.model)
+    base = base_weights(handle, paths)
+    folder = Path(checkpoint) if checkpoint else None
+    if folder:
+        (folder / "deltas").mkdir(parents=True, exist_ok=True)
+
+    # Statistics and templates come from the base model, before any edit.
+    t0 = time.perf_counter()
+    context_templates(handle, [tuple(t) for t in hparams.templates], hparams.template_seed)
+    layer_covariances(handle, layers, hparams.cov_tokens, corpus)
+    setup_seconds = time.perf_counter() - t0
+
+    progress_file = folder / "progress.json" if folder else None
+    if progress_file and progress_file.is_file():
+        report = json.loads(progress_file.read_text())
+        if report["method"] != method or report["n_edits_planned"] != len(records):
+            raise ValueError(f"checkpoint: {folder} holds another run")
+    else:
+        report = {"method": method, "n_edits_planned": len(records), "batch": batch}
+    deltas = [Delta.load(p) for p in sorted((folder / "deltas").iterdir())] if folder else []
+    state = SequentialState() if method == "alphaedit" else None
+    if folder and method == "alphaedit" and (folder / "state.pt").is_file():
+        state = SequentialState.load(str(folder / "state.pt"))
+
+    def apply(new: list[Delta]) -> None:
+        deltas.extend(new)
+        load_weights(handle, materialize(handle, base, deltas))
+
+    held, held_idx = heldout_paragraphs(corpus, ppl_paragraphs)
+    fl_prompts = [r["prompt"] for r in records[:fluency_prompts]]
+    try:
+        if "unedited" not in report:
+            t0 = time.perf_counter()
+            unedited = measure_records(handle, records)
+            report.update(
+                unedited_records=unedited,
+                unedited=summarise(unedited),
+                unedited_fluency=fluency(handle, fl_prompts, fluency_tokens),
+                unedited_perplexity=perplexity(handle, held),
+                perplexity_paragraphs={
+                    "corpus_indices": [held_idx[0], held_idx[-1]],
+                    "max_len": 128,
+                    "covariance_read_first": _covariance_paragraphs(
+                        handle, hparams.cov_tokens, corpus
+                    ),
+                },
+                curve=[],
+                refused=[],
+                seconds={"setup": setup_seconds, "edit": 0.0, "measure": 0.0},
+                hparams=hparams.to_dict(),
+                layers=layers,
+            )
+            report["seconds"]["measure"] += time.perf_counter() - t0
+        if deltas:
+            load_weights(handle, materialize(handle, base, deltas))
+        done = report["curve"][-1]["n_edits"] if report["curve"] else 0
+        batches = 0
+        while done < len(records) and (max_batches is None or batches < max_batches):
+            chunk = records[done : done + batch]
+            t0 = time.perf_counter()
+            new, state, refused = _compute_batch(
+                handle, method, chunk, hparams, corpus, state, apply
+            )
+            edit_seconds = time.perf_counter() - t0
+            report["seconds"]["edit"] += edit_seconds
+            report["refused"] += refused
+            done += len(chunk)
+            batches += 1
+            t0 = time.perf_counter()
+            after = measure_records(handle, records[:done])
+            point = {
+                "n_edits": done,
+                **summarise(after),
+                "unedited_neighborhood": summarise(report["unedited_records"][:done])[
+                    "neighborhood"
+                ],
+                "edit_seconds": edit_seconds,
+                "refused": len(report["refused"]),
+            }
+            report["curve"].append(point)
+            report["seconds"]["measure"] += time.perf_counter() - t0
+            if folder:
+                start = len(list((folder / "deltas").iterdir()))
+                for k, delta in enumerate(new):
+                    delta.save(folder / "deltas" / f"{start + k:05d}")
+                if state is not None:
+                    state.save(str(folder / "state.pt"))
+                _write_progress(folder, report)
+            if progress:
+                print(
+                    f"[{method} {done}/{len(records)}] ES {point['efficacy']:.1f} "
+                    f"PS {point['paraphrase']:.1f} NS {point['neighborhood']:.1f} "
+                    f"(unedited NS {report['unedited']['neighborhood']:.1f}) "
+                    f"{edit_seconds:.1f}s edit",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        report["complete"] = done >= len(records)
+        if report["complete"] and "fluency" not in report:
+            t0 = time.perf_counter()
+            final = measure_records(handle, records)
+            report.update(
+                final_records=final,
+                fluency=fluency(handle, fl_prompts, fluency_tokens),
+                perplexity=perplexity(handle, held),
+            )
+            report["seconds"]["measure"] += time.perf_counter() - t0
+            if folder:
+                _write_progress(folder, report)
+    finally:
+        load_weights(handle, base)
+    report["restored"] = weights_hash(handle.model) == base_hash
+    return _summary(report)
+
+
+def _write_progress(folder: Path, report: dict[str, Any]) -> None:
+    """Write-then-rename, so a reader (or a killed run) never sees half a file."""
+    tmp = folder / "progress.json.tmp"
+    tmp.write_text(json.dumps(report))
+    tmp.replace(folder / "progress.json")
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The JSON output: the last curve point's scores at the top level."""
+    out = {k: v for k, v in report.items() if k not in ("unedited_records", "final_records")}
+    if report["curve"]:
+        last = report["curve"][-1]
+        out.update({k: last[k] for k in ("efficacy", "paraphrase", "neighborhood", "score")})
+        out["n_edits"] = last["n_edits"]
+    else:
+        out["n_edits"] = 0
+    out["n"] = out["n_edits"]
+    if "fluency" in report:
+        u, e = report["unedited_fluency"]["ngram_entropy"], report["fluency"]["ngram_entropy"]
+        out["fluency_change_pct"] = 100.0 * (e - u) / u
+        pu, pe = report["unedited_perplexity"], report["perplexity"]
+        out["perplexity_change_pct"] = 100.0 * (pe - pu) / pu
+    return out
