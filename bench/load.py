@@ -12,8 +12,6 @@ must serve the head with live tensor hashes equal to the ledger's.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import platform
 import random
@@ -74,9 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     handle = load_model(args.model, device="cpu")
-    copies = [
-        dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={}) for _ in range(2)
-    ]
+    copies = [handle.clone() for _ in range(2)]
     out = {"latency": defaultdict(list), "errors": Counter(), "acknowledged": []}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, EmbeddedRedis(tmp) as redis_server:
         client = redis_server.client()

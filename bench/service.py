@@ -12,8 +12,6 @@ the worker count while serving latency does not pay for the edit computation.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import platform
 import statistics
@@ -116,9 +114,7 @@ def main() -> None:
 
     handle = load_model(args.model, device="cpu")
     # Workers' models are copied now, before the server's replica applies any edit.
-    copies = [
-        dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={}) for _ in range(2)
-    ]
+    copies = [handle.clone() for _ in range(2)]
     results: dict = {
         "model": handle.name,
         "torch": torch.__version__,

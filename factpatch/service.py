@@ -9,8 +9,6 @@ SIGINT/SIGTERM stop everything cleanly: the server drains, the worker finishes i
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import signal
 import sys
@@ -168,7 +166,7 @@ def run_up(settings: Settings) -> int:
         where = f"embedded, persisting to {data_dir / 'redis'}"
     try:
         handle = _load(settings)
-        worker_handle = dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={})
+        worker_handle = handle.clone()
         ledger, queue = Ledger(client, settings.ledger), _queue(client, settings)
         server = build_server(handle, ledger, queue, settings, credentials, auth).start()
         worker = Worker(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
@@ -11,7 +10,7 @@ import torch
 
 from factpatch.editing import EditRequest, apply_delta, compute_edit, materialize
 from factpatch.ledger import Ledger, LedgerMismatchError
-from factpatch.models import ModelHandle, tensor_sha256, weights_hash, wrap_model
+from factpatch.models import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime import Replica, RWLock, Sampling, generate, score, stream
 from factpatch.runtime.generate import MAX_RESTARTS
 from tests.conftest import random_delta
@@ -22,7 +21,7 @@ TARGETS = ["Rome", "Paris", "Tokyo", "Berlin", "Madrid"]
 
 def twin(handle: ModelHandle) -> ModelHandle:
     """A second replica's model: the same base weights in another object."""
-    return wrap_model(copy.deepcopy(handle.model), handle.tokenizer, name=handle.name)
+    return handle.clone()
 
 
 def rome_edits(replica: Replica, hparams, n: int) -> dict[int, str]:

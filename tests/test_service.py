@@ -54,7 +54,7 @@ def stack(tiny_llama, redis_url):
     redis_client = connect(redis_url)
     ledger, queue = Ledger(redis_client, name), JobQueue(redis_client, name, heartbeat_ttl=2.0)
     settings = Settings(ledger=name, port=0, poll_interval=0.2, drain_seconds=1.0)
-    worker_handle = dataclasses.replace(tiny_llama, model=copy.deepcopy(tiny_llama.model), cache={})
+    worker_handle = tiny_llama.clone()
     server = build_server(tiny_llama, ledger, queue, settings)
     worker = Worker(worker_handle, ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
     thread = threading.Thread(target=worker.run, daemon=True)

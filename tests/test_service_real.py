@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import threading
 import uuid
 
@@ -26,7 +24,7 @@ QUESTION = "The Eiffel Tower is located in the city of"
 
 def test_edit_generate_rollback_on_gemma(redis_url):
     handle = load_model("gemma-3-270m", device="cpu")
-    worker_handle = dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={})
+    worker_handle = handle.clone()
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     client = connect(redis_url)
     ledger, queue = Ledger(client, name), JobQueue(client, name)

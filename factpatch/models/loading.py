@@ -8,6 +8,8 @@ temporary folder and renamed into place, so concurrent first loads cannot see ha
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import importlib.util
 import shutil
@@ -76,6 +78,12 @@ class ModelHandle:
     @property
     def n_layers(self) -> int:
         return len(self.module(self.adapter.blocks))
+
+    def clone(self) -> ModelHandle:
+        """Another replica's model in memory: a deep copy of the weights, the same base hash, an
+        empty cache.  Clone before any edit is applied (``Replica.start`` refuses edited start
+        weights)."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model), cache={})
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
