@@ -87,7 +87,7 @@ OPTIONS: tuple[Option, ...] = (
         "hparams",
         str,
         None,
-        'JSON overrides of the ROME defaults, e.g. {"layer": 3}',
+        'JSON overrides of the edit defaults, e.g. {"layer": 3, "memit": {"layers": [2]}}',
         ("worker", "up"),
     ),
 )

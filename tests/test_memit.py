@@ -287,3 +287,58 @@ def test_cli_sequential_eval_json(model_folder, capsys, tmp_path):
     assert main([*args[:-2], "--set", "bogus=1"]) == 2  # unknown hyperparameter
     no_sequential = ["eval", "counterfact", "--model", model_folder, "--data", "x"]
     assert main([*no_sequential, "--method", "memit"]) == 2
+
+
+def test_state_rebuilt_from_the_deltas_keys_equals_the_threaded_state(tiny_llama, memit_hparams):
+    hp = threshold_at_median(tiny_llama, memit_hparams)
+    paths = [tiny_llama.adapter.rewrite_path(j) for j in hp.layers]
+    base = base_weights(tiny_llama, paths)
+    try:
+        first, state1 = compute_alphaedit(tiny_llama, REQUESTS[:2], hp)
+        apply_delta(tiny_llama, first)
+        second, state2 = compute_alphaedit(tiny_llama, REQUESTS[2:], hp, state=state1)
+    finally:
+        load_weights(tiny_llama, base)
+    for delta, n in ((first, 2), (second, 1)):
+        assert set(delta.keys) == set(delta.factors)
+        assert all(
+            k.shape == (tiny_llama.rewrite_weight(0).shape[1], n) for k in delta.keys.values()
+        )
+    rebuilt = SequentialState.from_deltas(tiny_llama, [first, second])
+    assert rebuilt.n_edits == state2.n_edits == 3
+    for j in hp.layers:
+        assert torch.equal(rebuilt.grams[j], state2.grams[j])
+    assert SequentialState.from_deltas(tiny_llama, []).grams == {}
+
+
+def test_rome_deltas_carry_their_keys(tiny_llama, memit_hparams):
+    from factpatch.editing import compute_edit, default_hparams
+
+    hp = default_hparams(tiny_llama, layer=1, templates=[[5, 3]], cov_tokens=3000, steps=1)
+    delta = compute_edit(tiny_llama, REQUESTS[:2], hp)
+    path = tiny_llama.adapter.rewrite_path(1)
+    templates = context_templates(tiny_llama, [(5, 3)], hp.template_seed)
+    rows = _Rows.build(tiny_llama, REQUESTS[:2], templates)
+    expected = rows.average(_trace(tiny_llama, rows, [1], {}, 1).keys[1])  # [B, in]
+    torch.testing.assert_close(delta.keys[path], expected.T, rtol=1e-5, atol=1e-6)
+    state = SequentialState.from_deltas(tiny_llama, [delta])
+    assert state.n_edits == 2 and set(state.grams) == {1}
+
+
+def test_keys_survive_serialisation_and_enter_the_digest(tiny_llama, memit_hparams, tmp_path):
+    from factpatch.editing import Delta
+
+    delta = compute_memit(tiny_llama, REQUESTS[:2], memit_hparams.with_overrides(steps=1))
+    for again in (Delta.from_bytes(delta.to_bytes()), _saved(delta, tmp_path)):
+        assert again.digest() == delta.digest()
+        for path in delta.keys:
+            assert torch.equal(again.keys[path], delta.keys[path])
+    bare = Delta(delta.factors, delta.provenance)
+    assert bare.digest() != delta.digest() and Delta.from_bytes(bare.to_bytes()).keys == {}
+
+
+def _saved(delta, folder):
+    from factpatch.editing import Delta
+
+    delta.save(folder / "d")
+    return Delta.load(folder / "d")

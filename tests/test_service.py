@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,19 @@ TINY_HPARAMS = {
     "templates": [[5, 3]],
     "cov_tokens": 3000,
     "max_update_ratio": 100.0,
+    "memit": {  # as tests/test_memit.py's memit_hparams, one layer
+        "layers": [1],
+        "steps": 12,
+        "lr": 1.0,
+        "weight_decay": 0.0,
+        "clamp_norm_factor": 20.0,
+        "templates": [[5, 3]],
+        "cov_tokens": 3000,
+        "mom2_update_weight": 1.0,
+        "nullspace_threshold": 0.05,
+        "nullspace_l2": 1e-3,
+        "max_update_ratio": 100.0,
+    },
 }
 PROMPT = "{} is located in the city of"
 
@@ -125,6 +139,60 @@ def expect(code: grpc.StatusCode, field: str, call, *args, **kwargs) -> None:
     assert field in info.value.details(), info.value.details()
 
 
+def test_memit_and_alphaedit_batches_are_one_version_each(stack: Stack):
+    fp = stack.client
+    facts = [
+        dict(prompt=PROMPT, subject="The Eiffel Tower", target="Rome"),
+        dict(prompt=PROMPT, subject="Big Ben", target="Paris"),
+        dict(prompt="{} was born in", subject="Danielle Darrieux", target="Berlin"),
+    ]
+    before = [fp.score(f["prompt"].format(f["subject"]), " " + f["target"]).logprob for f in facts]
+    first = fp.submit_edits(facts, method="memit").wait(timeout=180)
+    assert first.state == pb.SUCCEEDED and first.version == 1 and len(first.edit_ids) == 1
+    delta = stack.ledger.delta(first.edit_ids[0])
+    assert delta.provenance["method"] == "memit" and len(delta.provenance["requests"]) == 3
+    (path,) = delta.factors
+    assert delta.factors[path][0].shape[1] == 3 and delta.keys[path].shape[1] == 3  # rank ≤ 3
+    stack.server.frontend.replica.catch_up()
+    after = [fp.score(f["prompt"].format(f["subject"]), " " + f["target"]) for f in facts]
+    assert all(a.version == 1 for a in after)
+    assert sum(a.logprob > b for a, b in zip(after, before, strict=True)) >= 2, (before, after)
+
+    # AlphaEdit rebuilds its memory of earlier edits from the keys the active deltas carry.
+    second = fp.submit_edits(
+        [dict(prompt=PROMPT, subject="The Louvre", target="Oslo")], method="alphaedit"
+    ).wait(timeout=180)
+    assert second.state == pb.SUCCEEDED and second.version == 2
+    alpha = stack.ledger.delta(second.edit_ids[0])
+    assert alpha.provenance["method"] == "alphaedit" and alpha.provenance["prior_edits"] == 3
+    assert alpha.provenance["base_version"] == 1
+    # After a rollback to version 0 no edit is active, so the same batch starts from nothing.
+    fp.rollback(0)
+    third = fp.submit_edits(
+        [dict(prompt=PROMPT, subject="The Louvre", target="Oslo")], method="alphaedit"
+    ).wait(timeout=180)
+    assert stack.ledger.delta(third.edit_ids[0]).provenance["prior_edits"] == 0
+
+
+def test_cli_edits_a_file_of_facts_as_one_batch(stack: Stack, tmp_path, capsys):
+    from factpatch.cli import main
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(
+        '{"prompt": "{} is located in the city of", "subject": "Big Ben", "target": "Paris"}\n'
+        '{"prompt": "{} is located in the city of", "subject": "The Louvre", "target": "Oslo"}\n'
+    )
+    client = ["client", "--target", stack.target, "--json"]
+    assert main([*client, "edit", "--facts", str(facts), "--method", "memit"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["state"] == "SUCCEEDED" and job["version"] == "1"
+    assert stack.ledger.delta(job["edit_ids"][0]).provenance["method"] == "memit"
+    # One fact from flags: the fact's --target is not the connection's --target.
+    flags = ["--prompt", PROMPT, "--subject", "Big Ben", "--target", "Rome"]
+    assert main([*client, "edit", *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "2"
+
+
 def test_bad_requests_name_the_field_and_change_nothing(stack: Stack):
     fp = stack.client
     invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -145,7 +213,7 @@ def test_bad_requests_name_the_field_and_change_nothing(stack: Stack):
         fp.edits.SubmitEdits,
         pb.SubmitEditsRequest(
             edits=[pb.FactEdit(prompt=PROMPT, subject="Big Ben", target="Rome")],
-            options=pb.EditOptions(method="memit"),
+            options=pb.EditOptions(method="sparse"),
         ),
     )
     expect(missing, "job_id", fp.job, "nope")

@@ -52,14 +52,36 @@ def _progress(job: Any) -> None:
     print(f"  job {job.id[:12]} {state}{phase}", file=sys.stderr, flush=True)
 
 
+def _facts(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The facts of ``client edit``: one from the flags, or a file's list."""
+    single = (args.prompt, args.subject, args.fact_target)
+    if args.facts:
+        if any(single):
+            raise SystemExit("client edit: give --facts or --prompt/--subject/--target, not both")
+        text = Path(args.facts).read_text()
+        stripped = text.lstrip()
+        rows = (
+            json.loads(text)
+            if stripped.startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+        fields = ("prompt", "subject", "target", "old")
+        return [{k: str(r[k]) for k in fields if r.get(k)} for r in rows]
+    if not all(single):
+        raise SystemExit("client edit: --prompt, --subject and --target are required")
+    return [
+        dict(prompt=args.prompt, subject=args.subject, target=args.fact_target, old=args.old or "")
+    ]
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from factpatch.rpc import pb
 
     client = _client(args)
     out: Any
     if args.verb == "edit":
-        handle = client.edit(
-            args.prompt, args.subject, args.target, args.old or "", args.idempotency_key
+        handle = client.submit_edits(
+            _facts(args), args.idempotency_key, method=args.method or "rome"
         )
         job = (
             handle.job if args.no_wait else handle.wait(on_update=None if args.json else _progress)
@@ -130,11 +152,20 @@ def add_client_parser(sub: Any) -> None:
     client.add_argument("--json", action="store_true")
     verbs = client.add_subparsers(dest="verb", required=True)
 
-    edit = verbs.add_parser("edit", help="correct a fact; waits for the commit")
-    edit.add_argument("--prompt", required=True, help='e.g. "{} is located in the city of"')
-    edit.add_argument("--subject", required=True)
-    edit.add_argument("--target", required=True)
+    edit = verbs.add_parser(
+        "edit", help="correct a fact (or a file of facts); waits for the commit"
+    )
+    edit.add_argument("--prompt", help='e.g. "{} is located in the city of"')
+    edit.add_argument("--subject")
+    # dest differs from the connection's --target (set before the verb), which it would clobber
+    edit.add_argument("--target", dest="fact_target", help="the new object, e.g. Rome")
     edit.add_argument("--old")
+    edit.add_argument(
+        "--facts",
+        help="JSON list or JSON-lines file of {prompt, subject, target[, old]}: one job, one "
+        "version (instead of --prompt/--subject/--target)",
+    )
+    edit.add_argument("--method", help="rome (default) | memit | alphaedit")
     edit.add_argument("--idempotency-key", default="")
     edit.add_argument("--no-wait", action="store_true")
 

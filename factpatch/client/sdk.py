@@ -145,20 +145,28 @@ class Client:
         old: str = "",
         idempotency_key: str = "",
         dry_run: bool = False,
+        method: str = "rome",
     ) -> JobHandle:
         return self.submit_edits(
             [dict(prompt=prompt, subject=subject, target=target, old=old)],
             idempotency_key,
             dry_run,
+            method,
         )
 
     def submit_edits(
-        self, edits: list[dict[str, str]], idempotency_key: str = "", dry_run: bool = False
+        self,
+        edits: list[dict[str, str]],
+        idempotency_key: str = "",
+        dry_run: bool = False,
+        method: str = "rome",
     ) -> JobHandle:
+        """One job, one version for all ``edits``; ``method`` "memit" or "alphaedit" solves them
+        as one batch (the choice for many edits at once)."""
         request = pb.SubmitEditsRequest(
             edits=[pb.FactEdit(**e) for e in edits],
             idempotency_key=idempotency_key,
-            options=pb.EditOptions(method="rome", dry_run=dry_run),
+            options=pb.EditOptions(method=method, dry_run=dry_run),
         )
         return JobHandle(self, self._call(self.edits.SubmitEdits, request))
 

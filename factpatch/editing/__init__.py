@@ -9,10 +9,12 @@ from factpatch.editing.hparams import (
     default_memit_hparams,
 )
 from factpatch.editing.memit import SequentialState, compute_alphaedit, compute_memit
+from factpatch.editing.methods import METHODS, check_method, compute_delta
 from factpatch.editing.requests import EditRequest, InvalidEditError
 from factpatch.editing.rome import DegenerateEditError, compute_edit
 
 __all__ = [
+    "METHODS",
     "DegenerateEditError",
     "Delta",
     "EditRequest",
@@ -22,7 +24,9 @@ __all__ = [
     "SequentialState",
     "apply_delta",
     "base_weights",
+    "check_method",
     "compute_alphaedit",
+    "compute_delta",
     "compute_edit",
     "compute_memit",
     "default_hparams",

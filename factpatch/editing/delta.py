@@ -4,6 +4,12 @@ A :class:`Delta` maps module paths to factors ``(left [out, r], right [in, r])``
 with ``ΔW = left @ rightᵀ`` in the maths orientation ``W: (out, in)``.  ROME gives r = 1 per
 edit.  Factors are tiny (≈ (out + in)·r floats) and exact to store.
 
+A delta may also carry ``keys``: per module, the edited facts' keys ``[in, n]`` (the module's
+input at each subject's last token, averaged over the context templates, as the model sees them
+once the delta is applied).  They change no weight; they are what AlphaEdit must keep intact
+when later edits come (:meth:`factpatch.editing.memit.SequentialState.from_deltas`), so the
+state of any ledger version can be rebuilt from its active deltas alone.
+
 * :func:`apply_delta` adds a delta to live weights in place (quick, but repeated adds and
   subtracts drift in low precision: use it for experiments, not for versioning).
 * :func:`materialize` computes ``base + Σ deltas`` from a copy of the base tensors, in one fixed
@@ -29,6 +35,7 @@ from factpatch.models.loading import ModelHandle
 class Delta:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     provenance: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> [in, n], float32
 
     def dense(self, path: str) -> torch.Tensor:
         """ΔW for ``path`` as an (out, in) float32 matrix."""
@@ -39,22 +46,42 @@ class Delta:
         return int(torch.linalg.matrix_rank(self.dense(path)))  # float32 tolerance
 
     def to_bytes(self) -> bytes:
-        """One safetensors blob: factors ``{i}.left/right`` plus modules and provenance as
-        metadata.  (Header key order may vary between calls: name a delta by :meth:`digest`.)"""
+        """One safetensors blob: factors ``{i}.left/right`` (and ``{i}.keys``) plus modules and
+        provenance as metadata.  (Header key order may vary between calls: name a delta by
+        :meth:`digest`.)"""
+        tensors, modules = self._tensors()
+        meta = {"modules": json.dumps(modules), "provenance": json.dumps(self.provenance)}
+        return save(tensors, metadata=meta)
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Flat float32 tensors named by module index, and the module paths in that order."""
         tensors, modules = {}, []
         for i, (path, (left, right)) in enumerate(sorted(self.factors.items())):
             tensors[f"{i}.left"] = left.detach().float().contiguous().cpu()
             tensors[f"{i}.right"] = right.detach().float().contiguous().cpu()
+            if path in self.keys:
+                tensors[f"{i}.keys"] = self.keys[path].detach().float().contiguous().cpu()
             modules.append(path)
-        meta = {"modules": json.dumps(modules), "provenance": json.dumps(self.provenance)}
-        return save(tensors, metadata=meta)
+        return tensors, modules
+
+    @staticmethod
+    def _unflatten(
+        tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        factors = {p: (tensors[f"{i}.left"], tensors[f"{i}.right"]) for i, p in enumerate(modules)}
+        keys = {p: tensors[f"{i}.keys"] for i, p in enumerate(modules) if f"{i}.keys" in tensors}
+        return factors, keys
 
     def digest(self) -> str:
-        """sha256 of the content (module paths, factor shapes and float32 bytes, provenance as
-        sorted JSON): the delta's content address, the same however it was serialised."""
+        """sha256 of the content (module paths, factor (and key) shapes and float32 bytes,
+        provenance as sorted JSON): the delta's content address, the same however it was
+        serialised."""
         h = hashlib.sha256()
         for path, (left, right) in sorted(self.factors.items()):
-            for name, t in ((path + ".left", left), (path + ".right", right)):
+            named = [(path + ".left", left), (path + ".right", right)]
+            if path in self.keys:
+                named.append((path + ".keys", self.keys[path]))
+            for name, t in named:
                 t = t.detach().float().contiguous().cpu()
                 h.update(f"{name}|{tuple(t.shape)}|".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -63,20 +90,14 @@ class Delta:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Delta:
-        tensors = load(blob)
         meta = _safetensors_metadata(blob)
-        modules = json.loads(meta["modules"])
-        factors = {p: (tensors[f"{i}.left"], tensors[f"{i}.right"]) for i, p in enumerate(modules)}
-        return cls(factors, json.loads(meta["provenance"]))
+        factors, keys = cls._unflatten(load(blob), json.loads(meta["modules"]))
+        return cls(factors, json.loads(meta["provenance"]), keys)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors, modules = {}, []
-        for i, (path, (left, right)) in enumerate(sorted(self.factors.items())):
-            tensors[f"{i}.left"] = left.contiguous().cpu()
-            tensors[f"{i}.right"] = right.contiguous().cpu()
-            modules.append(path)
+        tensors, modules = self._tensors()
         save_file(tensors, str(folder / "factors.safetensors"))
         meta = {"modules": modules, "provenance": self.provenance}
         (folder / "delta.json").write_text(json.dumps(meta, indent=1))
@@ -84,13 +105,11 @@ class Delta:
     @classmethod
     def load(cls, folder: str | Path) -> Delta:
         folder = Path(folder)
-        tensors = load_file(str(folder / "factors.safetensors"))
         meta = json.loads((folder / "delta.json").read_text())
-        factors = {
-            path: (tensors[f"{i}.left"], tensors[f"{i}.right"])
-            for i, path in enumerate(meta["modules"])
-        }
-        return cls(factors, meta["provenance"])
+        factors, keys = cls._unflatten(
+            load_file(str(folder / "factors.safetensors")), meta["modules"]
+        )
+        return cls(factors, meta["provenance"], keys)
 
 
 def _safetensors_metadata(blob: bytes) -> dict[str, str]:

@@ -75,8 +75,9 @@ class SequentialState:
     Σ K_p K_pᵀ (float64 [in, in]) of every earlier edit's keys, and how many edits that is.
 
     Keys are those of the edited facts' subjects as seen by the model right after their batch
-    was applied (the reference code's order).  Kept outside the deltas so that a delta stays a
-    pure function of (model, requests, hparams, state)."""
+    was applied (the reference code's order).  Every delta carries its own keys
+    (:attr:`Delta.keys`), so the state of a model that holds a list of deltas is
+    :meth:`from_deltas` of that list: a ledger version's state needs nothing but its deltas."""
 
     grams: dict[int, torch.Tensor] = field(default_factory=dict)
     n_edits: int = 0
@@ -92,6 +93,21 @@ class SequentialState:
     def load(cls, path: str) -> SequentialState:
         data = torch.load(path, map_location="cpu")
         return cls(dict(data["grams"]), int(data["n_edits"]))
+
+    @classmethod
+    def from_deltas(cls, handle: ModelHandle, deltas: list[Delta]) -> SequentialState:
+        """Σ K Kᵀ per layer over the keys every delta carries (ROME, MEMIT or AlphaEdit), in
+        list order, float64; ``n_edits`` counts the edited facts."""
+        layer_of = {handle.adapter.rewrite_path(j): j for j in range(handle.n_layers)}
+        grams: dict[int, torch.Tensor] = {}
+        n_edits = 0
+        for delta in deltas:
+            n_edits += max((k.shape[1] for k in delta.keys.values()), default=0)
+            for path, keys in sorted(delta.keys.items()):
+                K = keys.double().cpu()  # [in, n]
+                layer = layer_of[path]
+                grams[layer] = grams.get(layer, 0) + K @ K.T
+        return cls(grams, n_edits)
 
 
 def compute_memit(
@@ -177,6 +193,7 @@ def _compute(
 
     # 2. Spread the residual over the layers, recomputing keys on the model edited so far.
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    edited_keys: dict[str, torch.Tensor] = {}  # path -> K_l [in, B]
     prior: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     layer_stats: list[dict[str, Any]] = []
     for i, layer in enumerate(layers):
@@ -209,6 +226,9 @@ def _compute(
         _guard(path, hp, left, right, ratio)
         left32, right32 = left.float(), right.float()
         factors[path] = (left32.cpu(), right32.cpu())
+        # The keys at layer l depend only on the layers below it, all updated by now: they are
+        # the keys the fully edited model sees.
+        edited_keys[path] = K.float().cpu()
         prior[layer] = (left32, right32)
         layer_stats.append(
             {
@@ -222,15 +242,12 @@ def _compute(
 
     new_state = state
     if alpha:
-        # The reference adds the keys as the fully edited model sees them.
-        t0 = time.perf_counter()
-        done = _trace(handle, rows, layers, prior, last)
+        # The reference adds the keys as the fully edited model sees them (edited_keys).
         grams = dict(state.grams)
         for layer in layers:
-            K = rows.average(done.keys[layer]).double().T.cpu()  # [in, B]
+            K = edited_keys[handle.adapter.rewrite_path(layer)].double()  # [in, B]
             grams[layer] = state.gram(layer, K.shape[0]) + K @ K.T
         new_state = SequentialState(grams, state.n_edits + len(requests))
-        seconds["keys"] += time.perf_counter() - t0
 
     seconds["total"] = time.perf_counter() - started
     provenance: dict[str, Any] = {
@@ -249,7 +266,7 @@ def _compute(
     }
     if alpha:
         provenance["prior_edits"] = state.n_edits
-    return Delta(factors, provenance), new_state
+    return Delta(factors, provenance, edited_keys), new_state
 
 
 def _guard(

@@ -98,6 +98,7 @@ def compute_edit(
 
     lefts: list[torch.Tensor] = []  # each [out]
     rights: list[torch.Tensor] = []  # each [in]
+    keys: list[torch.Tensor] = []  # each k̄ [in]
     all_stats = []
     for request in requests:
         prior = (
@@ -117,6 +118,7 @@ def compute_edit(
         _guard(request, hp, stats, left, u)
         lefts.append(left.float())
         rights.append(u.float())
+        keys.append(key.float())
         all_stats.append(stats)
 
     factors = {path: (torch.stack(lefts, 1).cpu(), torch.stack(rights, 1).cpu())}
@@ -133,7 +135,8 @@ def compute_edit(
         "covariance": {"n_tokens": solver.n_tokens, "ridge": solver.ridge},
         "seconds": {"setup": setup_seconds, "total": time.perf_counter() - started},
     }
-    return Delta(factors, provenance)
+    # The keys are inputs to the edited module, so this delta does not change them.
+    return Delta(factors, provenance, keys={path: torch.stack(keys, 1).cpu()})
 
 
 def _guard(

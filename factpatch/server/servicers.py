@@ -21,7 +21,7 @@ import grpc
 from factpatch import __version__, metrics
 from factpatch.auth import current_actor
 from factpatch.config import Settings
-from factpatch.editing import EditRequest, InvalidEditError
+from factpatch.editing import EditRequest, InvalidEditError, check_method
 from factpatch.editing.prompts import encode
 from factpatch.ledger import Ledger, Version
 from factpatch.models.loading import tensor_sha256
@@ -162,9 +162,7 @@ class EditService(pb_grpc.EditServiceServicer):
             raise LimitExceeded(
                 f"edits: {len(request.edits)} exceeds max-edits-per-request ({limit})"
             )
-        method = request.options.method or "rome"
-        if method != "rome":
-            raise ValueError(f"options.method: {method!r} is not available (rome)")
+        method = check_method(request.options.method or "rome")
         tokenizer = self.fe.replica.handle.tokenizer
         edits = []
         for i, e in enumerate(request.edits):

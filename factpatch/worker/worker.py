@@ -1,12 +1,15 @@
 """The worker loop: take a job, compute, make the result durable, then acknowledge.
 
-Edit job (``payload = {"edits": [EditRequest dicts], "method": "rome", "dry_run": bool}``):
+Edit job (``payload = {"edits": [EditRequest dicts], "method": "rome" | "memit" | "alphaedit",
+"dry_run": bool}``):
 
 1. If the ledger already holds a version for this job (key ``job.commit_key``: a previous
    attempt committed and then died before acknowledging), succeed with that version.
 2. Catch up to the head and hold the replica's read side (the weights cannot change under the
-   computation); compute one delta for all the job's edits (ROME applied sequentially on the fly,
-   rank r = number of edits; factpatch/editing/rome.py).
+   computation); compute one delta for all the job's edits (factpatch/editing/methods.py: ROME
+   applied sequentially on the fly, or one MEMIT/AlphaEdit batch; rank ≤ number of edits per
+   module).  AlphaEdit's memory of earlier edits is rebuilt from the keys carried by the
+   deltas active at that version.
 3. Commit ``head + delta`` as one version with the ledger's compare-and-set, idempotency key
    ``job.commit_key``.  A stale head (another worker committed first): if only edit versions
    (at most ``rebase_limit``) came in between, commit the same delta on the new head (recorded
@@ -14,9 +17,10 @@ Edit job (``payload = {"edits": [EditRequest dicts], "method": "rome", "dry_run"
    recomputations the job fails and the queue retries it.
 4. ``lease.succeed({"version": n, ...})`` stores the result, then acknowledges.
 
-Batching policy: one job is one version.  A job may carry several edits (computed together,
-exactly, as sequential ROME steps); separate jobs are not merged, so each client's request maps
-to exactly one version it can roll back.
+Batching policy: one job is one version.  A job may carry several edits, computed together
+(``rome``: exactly, as sequential ROME steps; ``memit``/``alphaedit``: one batch solve, the
+method meant for large batches); separate jobs are not merged, so each client's request maps to
+exactly one version it can roll back.
 
 Trace job (``payload = {"prompt", "subject", "answer", "kind", "samples", "window", "noise",
 "render_png"}``): runs on the replica pinned to the current version (read side held), result
@@ -38,7 +42,7 @@ from typing import Any
 import redis
 
 from factpatch import metrics
-from factpatch.editing import DegenerateEditError, EditRequest, compute_edit, default_hparams
+from factpatch.editing import DegenerateEditError, Delta, EditRequest, check_method, compute_delta
 from factpatch.ledger import Ledger, StaleHeadError
 from factpatch.models.loading import ModelHandle
 from factpatch.queue import JobQueue, Lease, LeaseLostError, new_consumer_name
@@ -69,7 +73,7 @@ class Worker:
         self.kinds = list(kinds)
         self.stopping = threading.Event()
         self.jobs_done = 0
-        self.hparams = dict(hparams or {})  # overrides of the model's ROME defaults
+        self.hparams = dict(hparams or {})  # overrides of the defaults (editing/methods.py)
         self.rebase_limit = rebase_limit
 
     def run(self) -> None:
@@ -154,20 +158,22 @@ class Worker:
             version = self.ledger.get(done)
             return {"version": done, "edit_ids": list(version.cause.get("edits", []))}
         requests = [EditRequest(**r) for r in job.payload["edits"]]
-        method = job.payload.get("method") or "rome"
-        if method != "rome":
-            raise ValueError(f"options.method: {method!r} is not available (rome)")
+        method = check_method(job.payload.get("method") or "rome")
         for _ in range(STALE_RETRIES):
             self.replica.catch_up()
             lease.progress({"phase": "computing", "fraction": 0.1})
             with self.replica.lock.read():  # pin the weights for the whole computation
                 computed_on = self.replica.version
-                hparams = default_hparams(self.replica.handle, **self.hparams)
-                delta = compute_edit(self.replica.handle, requests, hparams)
-            for stats in delta.provenance.get("stats", []):
-                for phase in ("keys", "optimise", "solve"):
-                    if phase in stats.get("seconds", {}):
-                        metrics.EDIT_PHASE.labels(phase).observe(stats["seconds"][phase])
+                active = [self.replica.delta(e) for e in self.ledger.get(computed_on).edits]
+                delta = compute_delta(
+                    self.replica.handle,
+                    requests,
+                    method,
+                    overrides=self.hparams,
+                    active=active,
+                    base_version=computed_on,
+                )
+            _observe_phases(delta)
             if lease.cancel_requested():
                 return None
             stats = delta.provenance.get("stats", [])
@@ -246,6 +252,19 @@ class Worker:
         if p.get("render_png"):
             out["png_b64"] = base64.b64encode(_render_png(result)).decode()
         return out
+
+
+def _observe_phases(delta: Delta) -> None:
+    """Per-phase seconds into the edit-phase histogram: ROME reports them per request, MEMIT
+    and AlphaEdit per batch."""
+    if delta.provenance.get("method") == "rome":
+        timings = [s.get("seconds", {}) for s in delta.provenance.get("stats", [])]
+    else:
+        timings = [delta.provenance.get("seconds", {})]
+    for seconds in timings:
+        for phase in ("keys", "optimise", "solve"):
+            if phase in seconds:
+                metrics.EDIT_PHASE.labels(phase).observe(seconds[phase])
 
 
 def _crash_point(name: str) -> None:
