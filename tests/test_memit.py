@@ -254,6 +254,11 @@ def test_sequential_evaluation_runs_resumes_and_restores(
         hp = hp.with_overrides(steps=2)
     before = weights_hash(tiny_llama.model)
     options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, ppl_paragraphs=2, progress=False)
+    nothing = evaluate_sequential(
+        tiny_llama, records, method, hp, checkpoint=tmp_path, max_batches=0, **options
+    )
+    saved = json.loads((tmp_path / "progress.json").read_text())  # unedited scores kept
+    assert nothing["n_edits"] == 0 and saved["curve"] == [] and "unedited_records" in saved
     first = evaluate_sequential(
         tiny_llama, records, method, hp, checkpoint=tmp_path, max_batches=1, **options
     )

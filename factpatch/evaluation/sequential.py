@@ -353,6 +353,8 @@ def evaluate_sequential(
                 layers=layers,
             )
             report["seconds"]["measure"] += time.perf_counter() - t0
+            if folder:  # a run stopped during its first batch keeps the unedited scores
+                _write_progress(folder, report)
         if deltas:
             load_weights(handle, materialize(handle, base, deltas))
         done = report["curve"][-1]["n_edits"] if report["curve"] else 0
