@@ -347,3 +347,17 @@ def _saved(delta, folder):
 
     delta.save(folder / "d")
     return Delta.load(folder / "d")
+
+
+def test_guard_reads_the_update_per_fact(tiny_llama, memit_hparams):
+    from factpatch.editing import DegenerateEditError
+
+    hp = memit_hparams.with_overrides(steps=1)
+    delta = compute_memit(tiny_llama, REQUESTS, hp)
+    stats = delta.provenance["layer_stats"]
+    for s in stats:
+        assert s["update_ratio_per_fact"] == pytest.approx(s["update_ratio"] / math.sqrt(3))
+    worst = max(s["update_ratio_per_fact"] for s in stats)
+    compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=1.01 * worst))
+    with pytest.raises(DegenerateEditError, match="√batch"):
+        compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=0.99 * worst))

@@ -89,7 +89,7 @@ class MemitHParams:
     mom2_update_weight: float = 15_000.0  # λ (GPT-J reference value)
     nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span P
     nullspace_l2: float = 10.0  # AlphaEdit: α
-    max_update_ratio: float = 0.5  # guard per layer: ‖ΔW_l‖_F / ‖W_l‖_F above this is refused
+    max_update_ratio: float = 0.5  # guard per layer: ‖ΔW_l‖_F / (‖W_l‖_F·√B) above it is refused
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)

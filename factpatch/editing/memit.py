@@ -221,9 +221,12 @@ def _compute(
         # ‖left rightᵀ‖_F² = tr((leftᵀleft)(rightᵀright)), without forming the matrix.
         update_norm = float(((left.T @ left) * (right.T @ right)).sum().clamp(min=0).sqrt())
         ratio = update_norm / float(weight.norm())
+        # B facts' updates add up like independent terms (‖ΔW‖_F grows as √B), so the guard reads
+        # the root-mean-square share per fact; for one fact it is ROME's ‖ΔW‖/‖W‖.
+        per_fact = ratio / len(requests) ** 0.5
         seconds["solve"] += time.perf_counter() - t0
         path = handle.adapter.rewrite_path(layer)
-        _guard(path, hp, left, right, ratio)
+        _guard(path, hp, left, right, per_fact)
         left32, right32 = left.float(), right.float()
         factors[path] = (left32.cpu(), right32.cpu())
         # The keys at layer l depend only on the layers below it, all updated by now: they are
@@ -236,6 +239,7 @@ def _compute(
                 "residual_norm": float(r.norm(dim=-1).mean()),
                 "update_norm": update_norm,
                 "update_ratio": ratio,
+                "update_ratio_per_fact": per_fact,
                 **({"nullspace_dim": projectors[layer]["dim"]} if alpha else {}),
             }
         )
@@ -270,13 +274,16 @@ def _compute(
 
 
 def _guard(
-    path: str, hp: MemitHParams, left: torch.Tensor, right: torch.Tensor, ratio: float
+    path: str, hp: MemitHParams, left: torch.Tensor, right: torch.Tensor, per_fact: float
 ) -> None:
     why = None
     if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
         why = "the update has NaN or Inf entries"
-    elif ratio > hp.max_update_ratio:
-        why = f"‖ΔW‖/‖W‖ = {ratio:.3g} exceeds {hp.max_update_ratio}: it would overwrite the layer"
+    elif per_fact > hp.max_update_ratio:
+        why = (
+            f"‖ΔW‖/(‖W‖·√batch) = {per_fact:.3g} exceeds {hp.max_update_ratio}: "
+            "it would overwrite the layer"
+        )
     if why:
         raise DegenerateEditError(f"batch refused at {path}: {why}")
 
