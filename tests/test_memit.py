@@ -268,6 +268,14 @@ def test_sequential_evaluation_runs_resumes_and_restores(
     assert report["restored"] and weights_hash(tiny_llama.model) == before
     assert report["complete"] and report["n_edits"] == 4 and report["batch"] == 2
     assert [p["n_edits"] for p in report["curve"]] == [2, 4]
+    assert all(math.isfinite(p["perplexity"]) and p["fluency"] >= 0 for p in report["curve"])
+    # The last point's wear is the final measurement (same model, same seeded generations).
+    assert report["curve"][-1]["perplexity"] == report["perplexity"]
+    assert report["curve"][-1]["fluency"] == report["fluency"]["ngram_entropy"]
+    from factpatch.evaluation.plot import plot
+
+    plot([report], str(tmp_path / "curve.png"), "tiny")
+    assert (tmp_path / "curve.png").stat().st_size > 0
     for key in ("efficacy", "paraphrase", "neighborhood", "perplexity", "unedited_perplexity"):
         assert math.isfinite(report[key])
     assert report["fluency"]["ngram_entropy"] >= 0

@@ -24,8 +24,22 @@ COLOURS = {"rome": "tab:red", "memit": "tab:blue", "alphaedit": "tab:green"}
 
 
 def plot(reports: list[dict], out: str, title: str) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
-    for (key, label), ax in zip(METRICS, axes, strict=True):
+    wear = all("perplexity" in p for r in reports for p in r["curve"])
+    fig, axes = plt.subplots(1, 4 if wear else 3, figsize=(17 if wear else 13, 3.8), sharex=True)
+    if wear:  # perplexity change along the curve, against each run's unedited model
+        ax = axes[-1]
+        for report in reports:
+            base = report["unedited_perplexity"]
+            xs = [0] + [p["n_edits"] for p in report["curve"]]
+            ys = [0.0] + [100 * (p["perplexity"] - base) / base for p in report["curve"]]
+            ax.plot(xs, ys, marker="o", color=COLOURS.get(report["method"]))
+        ax.axhline(5, color="k", ls=":", label="target (+5 %)")
+        ax.set_title("Perplexity change (held-back Wikipedia)")
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    for (key, label), ax in zip(METRICS, axes[:3], strict=True):
         for report in reports:
             xs = [p["n_edits"] for p in report["curve"]]
             ys = [p[key] for p in report["curve"]]
@@ -41,7 +55,7 @@ def plot(reports: list[dict], out: str, title: str) -> None:
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("% of edited facts")
-    axes[-1].legend(loc="lower left")
+    axes[2].legend(loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)

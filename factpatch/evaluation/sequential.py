@@ -3,7 +3,8 @@
 ``N`` records are edited in batches of ``B`` on a model that keeps every earlier batch
 (materialised exactly from a kept copy of the base tensors: ``base + Σ deltas`` in float32,
 :func:`factpatch.editing.materialize`).  After every batch the efficacy, paraphrase and
-neighbourhood scores of *all* facts edited so far are measured (the single-edit definitions,
+neighbourhood scores of *all* facts edited so far (and the perplexity and fluency below) are
+measured (the single-edit definitions,
 :mod:`factpatch.evaluation.counterfact`), which gives the curve of quality against the number of
 edits (MEMIT, Meng et al. 2022b, sec. 5.2; AlphaEdit, Fang et al. 2025, sec. 4).  Before the
 first batch and after the last one it also measures
@@ -378,6 +379,9 @@ def evaluate_sequential(
                 "unedited_neighborhood": summarise(report["unedited_records"][:done])[
                     "neighborhood"
                 ],
+                # The model's wear along the curve, not only at the end.
+                "perplexity": perplexity(handle, held),
+                "fluency": fluency(handle, fl_prompts, fluency_tokens)["ngram_entropy"],
                 "edit_seconds": edit_seconds,
                 "refused": len(report["refused"]),
             }
@@ -394,8 +398,9 @@ def evaluate_sequential(
                 print(
                     f"[{method} {done}/{len(records)}] ES {point['efficacy']:.1f} "
                     f"PS {point['paraphrase']:.1f} NS {point['neighborhood']:.1f} "
-                    f"(unedited NS {report['unedited']['neighborhood']:.1f}) "
-                    f"{edit_seconds:.1f}s edit",
+                    f"(unedited NS {point['unedited_neighborhood']:.1f}) "
+                    f"ppl {point['perplexity']:.2f} fluency {point['fluency']:.3f} "
+                    f"refused {point['refused']} {edit_seconds:.1f}s edit",
                     file=sys.stderr,
                     flush=True,
                 )
