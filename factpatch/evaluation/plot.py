@@ -24,14 +24,15 @@ COLOURS = {"rome": "tab:red", "memit": "tab:blue", "alphaedit": "tab:green"}
 
 
 def plot(reports: list[dict], out: str, title: str) -> None:
-    wear = all("perplexity" in p for r in reports for p in r["curve"])
+    wear = any("perplexity" in p for r in reports for p in r["curve"])
     fig, axes = plt.subplots(1, 4 if wear else 3, figsize=(17 if wear else 13, 3.8), sharex=True)
     if wear:  # perplexity change along the curve, against each run's unedited model
         ax = axes[-1]
         for report in reports:
             base = report["unedited_perplexity"]
-            xs = [0] + [p["n_edits"] for p in report["curve"]]
-            ys = [0.0] + [100 * (p["perplexity"] - base) / base for p in report["curve"]]
+            points = [p for p in report["curve"] if "perplexity" in p]  # older runs: none
+            xs = [0] + [p["n_edits"] for p in points]
+            ys = [0.0] + [100 * (p["perplexity"] - base) / base for p in points]
             ax.plot(xs, ys, marker="o", color=COLOURS.get(report["method"]))
         ax.axhline(5, color="k", ls=":", label="target (+5 %)")
         ax.set_title("Perplexity change (held-back Wikipedia)")
