@@ -369,3 +369,41 @@ def test_guard_reads_the_update_per_fact(tiny_llama, memit_hparams):
     compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=1.01 * worst))
     with pytest.raises(DegenerateEditError, match="√batch"):
         compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=0.99 * worst))
+
+
+def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
+    tiny_llama, memit_hparams, tmp_path
+):
+    from factpatch.editing import materialize
+    from factpatch.evaluation.memit_replay import load_run, replay
+    from factpatch.evaluation.sequential import evaluate_sequential
+
+    records = _records()[:4]
+    hp = memit_hparams.with_overrides(layers=(1,), steps=2)
+    options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, ppl_paragraphs=2, progress=False)
+    evaluate_sequential(tiny_llama, records, "memit", hp, checkpoint=tmp_path, **options)
+    report, deltas = load_run(tmp_path)
+    path = tiny_llama.adapter.rewrite_path(1)
+    base = base_weights(tiny_llama, [path])
+    recorded = materialize(tiny_llama, {path: base[path]}, deltas)[path]
+    load_weights(tiny_llama, {path: recorded})
+    recorded_w = tiny_llama.rewrite_weight(1).double().clone()
+    load_weights(tiny_llama, base)
+
+    same = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight)
+    assert len(same) == 2
+    torch.testing.assert_close(same[-1], recorded_w, atol=1e-5, rtol=1e-4)
+    w0 = base[path].double()
+    stronger = replay(tiny_llama, report, deltas, records, 100 * hp.mom2_update_weight)
+    assert (stronger[-1] - w0).norm() < 0.5 * (same[-1] - w0).norm()
+    halved = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight, scale=0.5)
+    torch.testing.assert_close(halved[0] - w0, 0.5 * (same[0] - w0))
+
+
+def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):
+    from factpatch.evaluation.memit_replay import load_run
+
+    for method, layers in (("alphaedit", [1]), ("memit", [1, 2])):
+        (tmp_path / "progress.json").write_text(json.dumps({"method": method, "layers": layers}))
+        with pytest.raises(ValueError, match="only single-layer MEMIT"):
+            load_run(tmp_path)
