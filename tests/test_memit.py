@@ -407,3 +407,18 @@ def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):
         (tmp_path / "progress.json").write_text(json.dumps({"method": method, "layers": layers}))
         with pytest.raises(ValueError, match="only single-layer MEMIT"):
             load_run(tmp_path)
+
+
+def test_plot_labels_tell_apart_runs_of_one_method():
+    from factpatch.evaluation.plot import labels
+
+    runs = [
+        {"method": "memit", "hparams": {"clamp_norm_factor": 1.0, "layers": [2]}},
+        {"method": "memit", "hparams": {"clamp_norm_factor": 0.5, "layers": [2]}},
+        {"method": "alphaedit", "hparams": {"clamp_norm_factor": 1.0, "layers": [2]}},
+    ]
+    assert labels(runs) == [
+        "memit (clamp_norm_factor=1.0)",
+        "memit (clamp_norm_factor=0.5)",
+        "alphaedit",
+    ]

@@ -21,6 +21,27 @@ METRICS = (
     ("neighborhood", "Neighbourhood (NS)"),
 )
 COLOURS = {"rome": "tab:red", "memit": "tab:blue", "alphaedit": "tab:green"}
+STYLES = ("-", "--", "-.", ":")  # runs of one method: same colour, one line style each
+
+
+def labels(reports: list[dict]) -> list[str]:
+    """The method's name, plus the settings that tell apart runs of the same method."""
+    out = []
+    for report in reports:
+        same = [r for r in reports if r["method"] == report["method"]]
+        keys = sorted({k for r in same for k in r.get("hparams", {})})
+        differ = [
+            k for k in keys if len({json.dumps(r.get("hparams", {}).get(k)) for r in same}) > 1
+        ]
+        extra = ", ".join(f"{k}={report.get('hparams', {}).get(k)}" for k in differ)
+        out.append(f"{report['method']} ({extra})" if extra else report["method"])
+    return out
+
+
+def _style(reports: list[dict], index: int) -> dict:
+    method = reports[index]["method"]
+    nth = sum(r["method"] == method for r in reports[:index])
+    return {"color": COLOURS.get(method), "ls": STYLES[nth % len(STYLES)]}
 
 
 def plot(reports: list[dict], out: str, title: str) -> None:
@@ -28,24 +49,24 @@ def plot(reports: list[dict], out: str, title: str) -> None:
     fig, axes = plt.subplots(1, 4 if wear else 3, figsize=(17 if wear else 13, 3.8), sharex=True)
     if wear:  # perplexity change along the curve, against each run's unedited model
         ax = axes[-1]
-        for report in reports:
+        for i, report in enumerate(reports):
             base = report["unedited_perplexity"]
             points = [p for p in report["curve"] if "perplexity" in p]  # older runs: none
             xs = [0] + [p["n_edits"] for p in points]
             ys = [0.0] + [100 * (p["perplexity"] - base) / base for p in points]
-            ax.plot(xs, ys, marker="o", color=COLOURS.get(report["method"]))
+            ax.plot(xs, ys, marker="o", **_style(reports, i))
         ax.axhline(5, color="k", ls=":", label="target (+5 %)")
         ax.set_title("Perplexity change (held-back Wikipedia)")
         ax.set_xlabel("number of edits")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
+    names = labels(reports)
     for (key, label), ax in zip(METRICS, axes[:3], strict=True):
-        for report in reports:
+        for i, report in enumerate(reports):
             xs = [p["n_edits"] for p in report["curve"]]
             ys = [p[key] for p in report["curve"]]
-            method = report["method"]
-            ax.plot(xs, ys, marker="o", color=COLOURS.get(method), label=method)
+            ax.plot(xs, ys, marker="o", label=names[i], **_style(reports, i))
         if key == "neighborhood":
             first = reports[0]
             xs = [p["n_edits"] for p in first["curve"]]
