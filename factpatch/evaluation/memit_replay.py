@@ -64,7 +64,8 @@ def replay(
     scale: float = 1.0,
     corpus: str | None = None,
 ) -> list[torch.Tensor]:
-    """The edited layer's weight (float64, (out, in)) after each replayed batch."""
+    """The edited layer's weight (float64, (out, in)) after each replayed batch; ``handle``
+    must hold the run's unedited model (its weights are read, never written)."""
     layer, batch = report["layers"][0], report["batch"]
     path = handle.adapter.rewrite_path(layer)
     cov = _covariances(handle, [layer], report["hparams"]["cov_tokens"], corpus)[layer]
