@@ -35,7 +35,13 @@ import torch
 from factpatch.editing import Delta, base_weights, load_weights
 from factpatch.editing.memit import _covariances, _Rows, _trace
 from factpatch.evaluation.counterfact import load_records, request_for, summarise
-from factpatch.evaluation.sequential import heldout_paragraphs, measure_records, perplexity
+from factpatch.evaluation.memit_sweep import emit
+from factpatch.evaluation.sequential import (
+    checkpoint_deltas,
+    heldout_paragraphs,
+    measure_records,
+    perplexity,
+)
 from factpatch.models import load_model
 from factpatch.models.loading import ModelHandle
 
@@ -50,8 +56,7 @@ def load_run(folder: str | Path) -> tuple[dict[str, Any], list[Delta]]:
             f"run: {folder} is {report['method']} over layers {report['layers']}; "
             "only single-layer MEMIT runs replay exactly"
         )
-    deltas = [Delta.load(p) for p in sorted((folder / "deltas").iterdir())]
-    return report, deltas
+    return report, checkpoint_deltas(folder)
 
 
 @torch.no_grad()
@@ -125,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - t0,
         }
         load_weights(handle, base)
-        print(json.dumps(line), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit(line, args.out)
     return 0
 
 

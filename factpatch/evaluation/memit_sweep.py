@@ -111,11 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             "z_nll": [round(z["nll_end"], 3) for z in delta.provenance["stats"]],
             "seconds": seconds,
         }
-        print(json.dumps(line), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit(line, args.out)
     return 0
+
+
+def emit(line: dict[str, Any], out: str | None) -> None:
+    """Print one result line as JSON, and append it to ``out`` (JSON lines) when given."""
+    print(json.dumps(line), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

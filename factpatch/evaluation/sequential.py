@@ -320,7 +320,7 @@ def evaluate_sequential(
             raise ValueError(f"checkpoint: {folder} holds another run")
     else:
         report = {"method": method, "n_edits_planned": len(records), "batch": batch}
-    deltas = [Delta.load(p) for p in sorted((folder / "deltas").iterdir())] if folder else []
+    deltas = checkpoint_deltas(folder) if folder else []
     state = SequentialState() if method == "alphaedit" else None
     if folder and method == "alphaedit" and (folder / "state.pt").is_file():
         state = SequentialState.load(str(folder / "state.pt"))
@@ -420,6 +420,11 @@ def evaluate_sequential(
         load_weights(handle, base)
     report["restored"] = weights_hash(handle.model) == base_hash
     return _summary(report)
+
+
+def checkpoint_deltas(folder: str | Path) -> list[Delta]:
+    """A run's saved deltas in the order they were applied (numbered files in ``deltas/``)."""
+    return [Delta.load(p) for p in sorted((Path(folder) / "deltas").iterdir())]
 
 
 def _write_progress(folder: Path, report: dict[str, Any]) -> None:
