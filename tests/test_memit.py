@@ -422,3 +422,36 @@ def test_plot_labels_tell_apart_runs_of_one_method():
         "memit (clamp_norm_factor=0.5)",
         "alphaedit",
     ]
+
+
+def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_path):
+    from factpatch.evaluation.remeasure import remeasure_perplexity
+    from factpatch.evaluation.sequential import evaluate_sequential
+
+    records = _records()[:4]
+    hp = memit_hparams.with_overrides(steps=2)
+    options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, progress=False)
+    evaluate_sequential(
+        tiny_llama,
+        records,
+        "memit",
+        hp,
+        checkpoint=tmp_path,
+        max_batches=1,
+        ppl_paragraphs=2,
+        **options,
+    )
+    # Resumed with another count: the run keeps the paragraphs it started with.
+    report = evaluate_sequential(
+        tiny_llama, records, "memit", hp, checkpoint=tmp_path, ppl_paragraphs=3, **options
+    )
+    assert report["complete"]
+    before = weights_hash(tiny_llama.model)
+    same = remeasure_perplexity(tiny_llama, tmp_path, 2)
+    assert weights_hash(tiny_llama.model) == before
+    assert same["unedited_perplexity"] == report["unedited_perplexity"]
+    assert [p["perplexity"] for p in same["curve"]] == [p["perplexity"] for p in report["curve"]]
+    wider = remeasure_perplexity(tiny_llama, tmp_path, 3)
+    assert [p["n_edits"] for p in wider["curve"]] == [2, 4]
+    assert wider["corpus_indices"][1] - wider["corpus_indices"][0] == 2
+    assert wider["curve"][1]["perplexity"] != same["curve"][1]["perplexity"]
