@@ -32,11 +32,16 @@ from factpatch.models.loading import ModelHandle
 
 
 def remeasure_perplexity(
-    handle: ModelHandle, folder: str | Path, paragraphs: int, corpus: str | None = None
+    handle: ModelHandle,
+    folder: str | Path,
+    paragraphs: int,
+    corpus: str | None = None,
+    unedited: float | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on the last ``paragraphs`` held-back paragraphs of the unedited model and of
-    the model at every point of a checkpointed run (``base + Σ`` the deltas up to that point,
-    materialised as in the run); the weights are restored at the end."""
+    """Perplexity on the last ``paragraphs`` held-back paragraphs of the unedited model (unless
+    given as ``unedited``) and of the model at every point of a checkpointed run (``base + Σ``
+    the deltas up to that point, materialised as in the run); the weights are restored at the
+    end."""
     report = json.loads((Path(folder) / "progress.json").read_text())
     if report.get("refused"):
         raise ValueError(f"run: {folder} has refused edits; its points cannot be matched to deltas")
@@ -50,7 +55,7 @@ def remeasure_perplexity(
         "run": str(folder),
         "method": report["method"],
         "corpus_indices": [held_idx[0], held_idx[-1]],
-        "unedited_perplexity": perplexity(handle, held),
+        "unedited_perplexity": perplexity(handle, held) if unedited is None else unedited,
         "curve": [],
     }
     try:
@@ -76,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="append one JSON line per run")
     args = parser.parse_args(argv)
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    unedited = None  # the same for every run of one model
     for run in args.runs:
         t0 = time.perf_counter()
-        result = remeasure_perplexity(handle, run, args.paragraphs)
+        result = remeasure_perplexity(handle, run, args.paragraphs, unedited=unedited)
+        unedited = result["unedited_perplexity"]
         emit({**result, "model": args.model, "seconds": time.perf_counter() - t0}, args.out)
     return 0
 
