@@ -455,3 +455,15 @@ def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_
     assert [p["n_edits"] for p in wider["curve"]] == [2, 4]
     assert wider["corpus_indices"][1] - wider["corpus_indices"][0] == 2
     assert wider["curve"][1]["perplexity"] != same["curve"][1]["perplexity"]
+    from factpatch.evaluation.plot import main as plot_main
+    from factpatch.evaluation.plot import with_perplexity
+
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    swapped = with_perplexity(progress, wider)
+    assert [p["perplexity"] for p in swapped["curve"]] == [p["perplexity"] for p in wider["curve"]]
+    assert swapped["unedited_perplexity"] == wider["unedited_perplexity"]
+    assert [p["efficacy"] for p in swapped["curve"]] == [p["efficacy"] for p in progress["curve"]]
+    (tmp_path / "ppl.jsonl").write_text(json.dumps(wider) + "\n")
+    args = [str(tmp_path / "progress.json"), "--perplexity", str(tmp_path / "ppl.jsonl")]
+    assert plot_main([*args, "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0

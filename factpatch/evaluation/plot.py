@@ -1,6 +1,9 @@
 """Plot sequential-editing curves (ES/PS/NS against the number of edits), one line per method.
 
 python -m factpatch.evaluation.plot bench/results/sequential_*.json --out docs/images/x.png
+
+With ``--perplexity FILE`` (JSON lines of :mod:`factpatch.evaluation.remeasure`) the perplexity
+panel shows the re-measured values of the runs that file covers (matched by checkpoint folder).
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ def labels(reports: list[dict]) -> list[str]:
     return out
 
 
+def with_perplexity(report: dict, remeasured: dict) -> dict:
+    """``report`` with its perplexities (unedited and along the curve) replaced by a
+    :func:`factpatch.evaluation.remeasure.remeasure_perplexity` result for the same run."""
+    by_edits = {p["n_edits"]: p["perplexity"] for p in remeasured["curve"]}
+    curve = []
+    for point in report["curve"]:
+        point = {k: v for k, v in point.items() if k != "perplexity"}
+        if point["n_edits"] in by_edits:
+            point["perplexity"] = by_edits[point["n_edits"]]
+        curve.append(point)
+    first, last = remeasured["corpus_indices"]
+    return {
+        **report,
+        "unedited_perplexity": remeasured["unedited_perplexity"],
+        "curve": curve,
+        "perplexity_paragraphs": {
+            **report.get("perplexity_paragraphs", {}),
+            "corpus_indices": [first, last],
+        },
+    }
+
+
 def _style(reports: list[dict], index: int) -> dict:
     method = reports[index]["method"]
     nth = sum(r["method"] == method for r in reports[:index])
@@ -56,7 +81,15 @@ def plot(reports: list[dict], out: str, title: str) -> None:
             ys = [0.0] + [100 * (p["perplexity"] - base) / base for p in points]
             ax.plot(xs, ys, marker="o", **_style(reports, i))
         ax.axhline(5, color="k", ls=":", label="target (+5 %)")
-        ax.set_title("Perplexity change (held-back Wikipedia)")
+        counts = {
+            r["perplexity_paragraphs"]["corpus_indices"][1]
+            - r["perplexity_paragraphs"]["corpus_indices"][0]
+            + 1
+            for r in reports
+            if "perplexity_paragraphs" in r
+        }
+        where = f", {counts.pop()} paragraphs" if len(counts) == 1 else ""
+        ax.set_title(f"Perplexity change (held-back Wikipedia{where})")
         ax.set_xlabel("number of edits")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
@@ -89,8 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("reports", nargs="+")
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="Sequential CounterFact edits, gemma-3-270m")
+    parser.add_argument("--perplexity", help="remeasure JSON lines to plot instead")
     args = parser.parse_args(argv)
-    plot([json.loads(Path(p).read_text()) for p in args.reports], args.out, args.title)
+    remeasured = {}
+    if args.perplexity:
+        for line in Path(args.perplexity).read_text().splitlines():
+            found = json.loads(line)
+            remeasured[Path(found["run"]).resolve()] = found
+    reports = []
+    for path in args.reports:
+        report = json.loads(Path(path).read_text())
+        again = remeasured.get(Path(path).parent.resolve())
+        reports.append(with_perplexity(report, again) if again else report)
+    plot(reports, args.out, args.title)
     return 0
 
 
