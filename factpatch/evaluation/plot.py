@@ -88,8 +88,8 @@ def plot(reports: list[dict], out: str, title: str) -> None:
             for r in reports
             if "perplexity_paragraphs" in r
         }
-        where = f", {counts.pop()} paragraphs" if len(counts) == 1 else ""
-        ax.set_title(f"Perplexity change (held-back Wikipedia{where})")
+        text = f"{counts.pop()} held-back paragraphs" if len(counts) == 1 else "held-back Wikipedia"
+        ax.set_title(f"Perplexity change ({text})")
         ax.set_xlabel("number of edits")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
