@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="the run's model (default: bundled)")
     parser.add_argument("--batches", type=int, default=None, help="replay the first N batches")
     parser.add_argument("--grid", required=True, help='JSON list of {"lam": λ, "scale": s}')
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="default: CUDA when present")
     parser.add_argument("--out", default=None, help="append one JSON line per grid point")
     args = parser.parse_args(argv)
 
