@@ -4,7 +4,7 @@ rewrite output, each clamped to c_j·‖v_j‖), optionally ENCORE's most-probab
 (Gupta et al. 2025, arXiv 2502.01636), then MEMIT's solve per layer with the keys recomputed after
 the layers below.  Results: docs/evaluation.md, "How much text the perplexity needs".
 
-    python bench/experiments/sequential_variants.py \
+    python bench/experiments/sequential_variants.py \\
         '[{"layers": [2]}, {"layers": [1, 2, 3], "clamp": 0.33},
           {"layers": [2], "mpes": true, "z": {"lr": 0.1}}]' \\
         ../shared/data/counterfact/counterfact-train.json 3000 --unedited
