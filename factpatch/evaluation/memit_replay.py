@@ -41,6 +41,7 @@ from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     measure_records,
     perplexity,
+    run_paragraphs,
 )
 from factpatch.models import load_model
 from factpatch.models.loading import ModelHandle
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     handle = load_model(args.model or "gemma-3-270m", device=args.device, dtype="float32")
     path = handle.adapter.rewrite_path(report["layers"][0])
     base = base_weights(handle, [path])
-    first, last = report["perplexity_paragraphs"]["corpus_indices"]
-    held, _ = heldout_paragraphs(None, last - first + 1)
+    held, _ = heldout_paragraphs(None, run_paragraphs(report))
     for point in json.loads(args.grid):
         t0 = time.perf_counter()
         weights = replay(handle, report, deltas, records, point["lam"], point.get("scale", 1.0))

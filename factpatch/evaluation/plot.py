@@ -51,14 +51,13 @@ def with_perplexity(report: dict, remeasured: dict) -> dict:
         if point["n_edits"] in by_edits:
             point["perplexity"] = by_edits[point["n_edits"]]
         curve.append(point)
-    first, last = remeasured["corpus_indices"]
     return {
         **report,
         "unedited_perplexity": remeasured["unedited_perplexity"],
         "curve": curve,
         "perplexity_paragraphs": {
             **report.get("perplexity_paragraphs", {}),
-            "corpus_indices": [first, last],
+            "corpus_indices": remeasured["corpus_indices"],
         },
     }
 

@@ -199,6 +199,12 @@ def fluency(handle: ModelHandle, prompts: list[str], max_new_tokens: int = 40) -
     }
 
 
+def run_paragraphs(report: dict[str, Any]) -> int:
+    """How many held-back paragraphs a run's perplexity was measured on (from its report)."""
+    first, last = report["perplexity_paragraphs"]["corpus_indices"]
+    return last - first + 1
+
+
 def heldout_paragraphs(corpus: str | None, n: int) -> tuple[list[str], list[int]]:
     """The last ``n`` paragraphs of the corpus (the covariance reads it from the start)."""
     texts = load_corpus(corpus).texts
@@ -334,8 +340,7 @@ def evaluate_sequential(
         load_weights(handle, materialize(handle, base, deltas))
 
     if "perplexity_paragraphs" in report:  # a resumed run keeps the set it started with
-        first_idx, last_idx = report["perplexity_paragraphs"]["corpus_indices"]
-        ppl_paragraphs = last_idx - first_idx + 1
+        ppl_paragraphs = run_paragraphs(report)
     held, held_idx = heldout_paragraphs(corpus, ppl_paragraphs)
     fl_prompts = [r["prompt"] for r in records[:fluency_prompts]]
     try:
