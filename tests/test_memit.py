@@ -375,7 +375,7 @@ def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
     tiny_llama, memit_hparams, tmp_path
 ):
     from factpatch.editing import materialize
-    from factpatch.evaluation.memit_replay import load_run, replay
+    from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
     from factpatch.evaluation.sequential import evaluate_sequential
 
     records = _records()[:4]
@@ -398,6 +398,12 @@ def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
     assert (stronger[-1] - w0).norm() < 0.5 * (same[-1] - w0).norm()
     halved = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight, scale=0.5)
     torch.testing.assert_close(halved[0] - w0, 0.5 * (same[0] - w0))
+    # another covariance goes into the solve: C twice as large is λ twice as large
+    cov = run_covariance(tiny_llama, report)
+    doubled = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight, cov=2 * cov)
+    twice = replay(tiny_llama, report, deltas, records, 2 * hp.mom2_update_weight)
+    torch.testing.assert_close(doubled[-1], twice[-1])
+    assert not torch.allclose(doubled[-1], same[-1])
 
 
 def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):

@@ -17,7 +17,9 @@ re-solved on the replayed model W'_{b−1} as (MEMIT eq. 14, float64)
 
     R'ᵢ = s · (Rᵢ + (W_{b−1} − W'_{b−1}) kᵢ),    Δ'_b = R' Kᵀ (λ'·C + K Kᵀ)⁻¹
 
-With λ' the run's λ and s = 1 the replay reproduces the recorded run's weights.
+With λ' the run's λ and s = 1 the replay reproduces the recorded run's weights.  A grid point's
+``cov_tokens`` re-solves with C estimated from that many tokens; ``--paragraphs`` measures
+perplexity on another held-back set than the run's (the unedited value is then measured too).
 """
 
 from __future__ import annotations
@@ -68,13 +70,16 @@ def replay(
     records: list[dict[str, Any]],
     lam: float,
     scale: float = 1.0,
-    corpus: str | None = None,
+    cov: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The edited layer's weight (float64, (out, in)) after each replayed batch; ``handle``
-    must hold the run's unedited model (its weights are read, never written)."""
+    must hold the run's unedited model (its weights are read, never written).  ``cov`` [in, in]
+    re-solves with another key covariance (default: the run's)."""
     layer, batch = report["layers"][0], report["batch"]
     path = handle.adapter.rewrite_path(layer)
-    cov = _covariances(handle, [layer], report["hparams"]["cov_tokens"], corpus)[layer]
+    if cov is None:
+        cov = run_covariance(handle, report)
+    cov = cov.double().to(handle.device)
     recorded = handle.rewrite_weight(layer).double().clone()  # W_{b−1}, the run's model
     replayed = recorded.clone()  # W'_{b−1}
     out = []
@@ -94,13 +99,28 @@ def replay(
     return out
 
 
+def run_covariance(
+    handle: ModelHandle, report: dict[str, Any], n_tokens: int | None = None
+) -> torch.Tensor:
+    """C of the run's edited layer from its corpus (the bundled one), over the run's token count
+    or ``n_tokens``."""
+    layer = report["layers"][0]
+    n_tokens = n_tokens or report["hparams"]["cov_tokens"]
+    return _covariances(handle, [layer], n_tokens, None)[layer]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a sequential run's checkpoint folder")
     parser.add_argument("--data", required=True, help="the run's CounterFact JSON")
     parser.add_argument("--model", default=None, help="the run's model (default: bundled)")
     parser.add_argument("--batches", type=int, default=None, help="replay the first N batches")
-    parser.add_argument("--grid", required=True, help='JSON list of {"lam": λ, "scale": s}')
+    parser.add_argument(
+        "--grid", required=True, help='JSON list of {"lam": λ, "scale": s, "cov_tokens": n}'
+    )
+    parser.add_argument(
+        "--paragraphs", type=int, default=None, help="held-back paragraphs (default: the run's)"
+    )
     parser.add_argument("--device", default=None, help="default: CUDA when present")
     parser.add_argument("--out", default=None, help="append one JSON line per grid point")
     args = parser.parse_args(argv)
@@ -111,10 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     handle = load_model(args.model or "gemma-3-270m", device=args.device, dtype="float32")
     path = handle.adapter.rewrite_path(report["layers"][0])
     base = base_weights(handle, [path])
-    held, _ = heldout_paragraphs(None, run_paragraphs(report))
+    held, _ = heldout_paragraphs(None, args.paragraphs or run_paragraphs(report))
+    unedited = report["unedited_perplexity"]
+    if len(held) != run_paragraphs(report):
+        unedited = perplexity(handle, held)  # the run's figure is on its own paragraphs
     for point in json.loads(args.grid):
         t0 = time.perf_counter()
-        weights = replay(handle, report, deltas, records, point["lam"], point.get("scale", 1.0))
+        weights = replay(
+            handle,
+            report,
+            deltas,
+            records,
+            point["lam"],
+            point.get("scale", 1.0),
+            run_covariance(handle, report, point.get("cov_tokens")),
+        )
         load_weights(handle, {path: weights[-1]})
         line = {
             **point,
@@ -124,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 / base[path].double().norm()
                 / math.sqrt(len(records))
             ),
+            "paragraphs": len(held),
             "perplexity": perplexity(handle, held),
-            "unedited_perplexity": report["unedited_perplexity"],
+            "unedited_perplexity": unedited,
             **summarise(measure_records(handle, records)),
             "seconds": time.perf_counter() - t0,
         }
