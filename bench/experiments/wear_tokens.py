@@ -33,8 +33,9 @@ PARAGRAPHS = 256
 
 
 @torch.no_grad()
-def token_nll(handle, texts: list[str], max_len: int = 128) -> list[torch.Tensor]:
-    """NLL of every predicted token, one tensor per paragraph (as sequential.perplexity)."""
+def predictions(handle, texts: list[str], max_len: int = 128) -> list[tuple]:
+    """Per paragraph: (token ids, NLL of every predicted token, the model's top prediction at
+    every position), the tokens and positions as sequential.perplexity reads them."""
     tok, out = handle.tokenizer, []
     for first in range(0, len(texts), 4):
         rows = [
@@ -45,8 +46,14 @@ def token_nll(handle, texts: list[str], max_len: int = 128) -> list[torch.Tensor
         for row, seq in enumerate(rows):
             logits = _logits_at(handle, hidden[row, : len(seq) - 1]).float()
             target = torch.tensor(seq[1:], device=handle.device)
-            out.append(F.cross_entropy(logits, target, reduction="none").cpu().double())
+            nll = F.cross_entropy(logits, target, reduction="none").cpu().double()
+            out.append((seq, nll, logits.argmax(-1).cpu()))
     return out
+
+
+def token_nll(handle, texts: list[str]) -> list[torch.Tensor]:
+    """NLL of every predicted token, one tensor per paragraph."""
+    return [nll for _, nll, _ in predictions(handle, texts)]
 
 
 def main(data: str, runs: list[str]) -> None:

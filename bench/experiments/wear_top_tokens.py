@@ -11,39 +11,17 @@ frequent target objects, and the worst 40 tokens.  Results: docs/evaluation.md.
 import collections
 import sys
 
-import torch
-import torch.nn.functional as F
-from wear_tokens import PARAGRAPHS
+from wear_tokens import PARAGRAPHS, predictions
 
 from factpatch.editing import base_weights, load_weights, materialize
-from factpatch.editing.prompts import pad_batch
 from factpatch.evaluation.counterfact import load_records
 from factpatch.evaluation.sequential import (
-    _final_hidden,
-    _logits_at,
     checkpoint_deltas,
     heldout_paragraphs,
 )
 from factpatch.models.loading import load_model
 
 DATA = "../shared/data/counterfact/counterfact-val.json"
-
-
-@torch.no_grad()
-def predictions(handle, texts):
-    """(token ids, NLL per predicted token, argmax per position) for every paragraph."""
-    tok, out = handle.tokenizer, []
-    for first in range(0, len(texts), 4):
-        rows = [
-            tok(t, truncation=True, max_length=128)["input_ids"] for t in texts[first : first + 4]
-        ]
-        hidden = _final_hidden(handle, pad_batch(rows, tok.pad_token_id, handle.device))
-        for r, seq in enumerate(rows):
-            logits = _logits_at(handle, hidden[r, : len(seq) - 1]).float()
-            target = torch.tensor(seq[1:], device=logits.device)
-            nll = F.cross_entropy(logits, target, reduction="none").cpu()
-            out.append((seq, nll, logits.argmax(-1).cpu()))
-    return out
 
 
 def main(run: str) -> None:
