@@ -172,14 +172,31 @@ def test_alphaedit_edits_take_effect_and_state_accumulates(tiny_llama, memit_hpa
         assert int(torch.linalg.matrix_rank(grown)) == 1
 
 
-def test_state_round_trip(tiny_llama, memit_hparams, tmp_path):
-    hp = threshold_at_median(tiny_llama, memit_hparams)
-    _, state = compute_alphaedit(tiny_llama, REQUESTS[:1], hp)
-    state.save(str(tmp_path / "state.pt"))
-    loaded = SequentialState.load(str(tmp_path / "state.pt"))
-    assert loaded.n_edits == 1
-    for j in hp.layers:
-        assert torch.equal(loaded.grams[j], state.grams[j])
+def test_memit_prior_weight_keeps_the_earlier_edits(tiny_llama, memit_hparams):
+    """Δ = R Kᵀ (λC + μK_pK_pᵀ + KKᵀ)⁻¹: with μ = 0 the state is ignored (the paper's MEMIT,
+    bit for bit); with a large μ the next batch leaves the earlier edits' keys' outputs where
+    the first batch put them, and still edits."""
+    hp = memit_hparams.with_overrides(layers=(1,))
+    path = tiny_llama.adapter.rewrite_path(1)
+    base = base_weights(tiny_llama, [path])
+    try:
+        first = compute_memit(tiny_llama, REQUESTS[:2], hp)
+        apply_delta(tiny_llama, first)
+        state = SequentialState.from_deltas(tiny_llama, [first])
+        plain = compute_memit(tiny_llama, REQUESTS[2:], hp)
+        ignored = compute_memit(tiny_llama, REQUESTS[2:], hp, state=state)
+        kept = compute_memit(
+            tiny_llama, REQUESTS[2:], hp.with_overrides(prior_weight=1e6), state=state
+        )
+    finally:
+        load_weights(tiny_llama, base)
+    assert torch.equal(ignored.dense(path), plain.dense(path))
+    assert "prior_edits" not in ignored.provenance and kept.provenance["prior_edits"] == 2
+    earlier = first.keys[path]  # K_p [in, 2]
+    moved_plain = float((plain.dense(path) @ earlier).norm())
+    moved_kept = float((kept.dense(path) @ earlier).norm())
+    assert moved_plain > 0 and moved_kept < 1e-3 * moved_plain, (moved_plain, moved_kept)
+    assert float(kept.dense(path).norm()) > 0.1 * float(plain.dense(path).norm())
 
 
 def test_post_norm_inverse_reaches_the_wanted_direction(tokenizer):
@@ -251,7 +268,7 @@ def test_sequential_evaluation_runs_resumes_and_restores(
     if method == "alphaedit":
         hp = threshold_at_median(tiny_llama, hp)
     if method != "rome":
-        hp = hp.with_overrides(steps=2)
+        hp = hp.with_overrides(steps=2, prior_weight=1.0)
     before = weights_hash(tiny_llama.model)
     options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, ppl_paragraphs=2, progress=False)
     nothing = evaluate_sequential(
@@ -281,6 +298,10 @@ def test_sequential_evaluation_runs_resumes_and_restores(
     assert report["fluency"]["ngram_entropy"] >= 0
     deltas = sorted((tmp_path / "deltas").iterdir())
     assert len(deltas) == (4 if method == "rome" else 2)
+    if method != "rome":  # the resumed batch saw the first batch's keys (from its checkpoint)
+        from factpatch.editing import Delta
+
+        assert Delta.load(deltas[1]).provenance["prior_edits"] == 2
     json.dumps(report)  # JSON-ready
 
 

@@ -71,9 +71,10 @@ class MemitHParams:
     2410.02355) settings.
 
     The target-value optimisation (``steps`` … ``template_seed``) is ROME's, run at the last
-    layer of ``layers``; ``mom2_update_weight`` is MEMIT's λ in ``Δ = R Kᵀ (λC + KKᵀ)⁻¹``;
-    ``nullspace_threshold`` and ``nullspace_l2`` are AlphaEdit's eigenvalue threshold for the
-    null-space projector P and its α in ``Δ = R Kᵀ P ((K_pK_pᵀ + KKᵀ)P + αI)⁻¹``.
+    layer of ``layers``; ``mom2_update_weight`` is MEMIT's λ and ``prior_weight`` the weight μ
+    of the earlier edits' keys in ``Δ = R Kᵀ (λC + μK_pK_pᵀ + KKᵀ)⁻¹`` (μ = 0: the paper's
+    MEMIT); ``nullspace_threshold`` and ``nullspace_l2`` are AlphaEdit's eigenvalue threshold
+    for the null-space projector P and its α in ``Δ = R Kᵀ P ((K_pK_pᵀ + KKᵀ)P + αI)⁻¹``.
     """
 
     layers: tuple[int, ...]
@@ -89,6 +90,7 @@ class MemitHParams:
     mom2_update_weight: float = 15_000.0  # λ (GPT-J reference value)
     nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span P
     nullspace_l2: float = 10.0  # AlphaEdit: α
+    prior_weight: float = 0.0  # MEMIT: μ, the earlier edits' weight in λC + μK_pK_pᵀ + KKᵀ
     max_update_ratio: float = 0.5  # guard per layer: ‖ΔW_l‖_F / (‖W_l‖_F·√B) above it is refused
 
     def __post_init__(self) -> None:
@@ -97,10 +99,10 @@ class MemitHParams:
             raise ValueError("layers: a non-empty, strictly increasing list of layer indices")
         if self.steps < 0 or self.lr <= 0 or self.cov_tokens <= 0:
             raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
-        if self.mom2_update_weight < 0 or self.nullspace_l2 <= 0 or self.nullspace_threshold < 0:
-            raise ValueError(
-                "mom2_update_weight and nullspace_threshold must be >= 0; nullspace_l2 > 0"
-            )
+        if min(self.mom2_update_weight, self.nullspace_threshold, self.prior_weight) < 0:
+            raise ValueError("mom2_update_weight, nullspace_threshold, prior_weight must be >= 0")
+        if self.nullspace_l2 <= 0:
+            raise ValueError("nullspace_l2 must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,7 +18,7 @@ A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l
    rᵢ = (zᵢ − hᵢ(now)) / (layers left, l included), mapped back through g to the rewrite
    module's output space (Rᵢ = g⁻¹(g(vᵢ) + rᵢ) − vᵢ; for the identity Rᵢ = rᵢ), and
 
-       MEMIT:      Δ_l = R K_lᵀ (λ·C_l + K_l K_lᵀ)⁻¹
+       MEMIT:      Δ_l = R K_lᵀ (λ·C_l + μ·K_p K_pᵀ + K_l K_lᵀ)⁻¹
        AlphaEdit:  Δ_l = R K_lᵀ P_l ((K_p K_pᵀ + K_l K_lᵀ) P_l + α I)⁻¹
 
    with C_l = E[k kᵀ] over Wikipedia text (:mod:`factpatch.editing.covariance`),
@@ -26,6 +26,15 @@ A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l
    ``nullspace_threshold`` (the null space of the preserved keys, so Δ_l k₀ ≈ 0 for them), and
    K_p K_pᵀ the keys of all earlier edits at that layer (:class:`SequentialState`).  Both are
    solves in float64, never explicit inverses.
+
+   μ = ``prior_weight``; μ = 0 is the paper's MEMIT.  With μ = 1 the MEMIT solve is the least-
+   squares problem of MEMIT eq. 9–11 with the earlier edits counted among the memories to keep
+   (each weighted as a new edit is): min ‖ΔK_p‖² + λ‖ΔK₀‖² + ‖(W + Δ)K − V‖², whose solution is
+   the line above, since W already maps each k_p to its edited value.  It is the K_p term of
+   AlphaEdit's objective (Fang et al. 2025, eq. 5) without the null-space projection.  For one
+   earlier key, Sherman–Morrison gives the shrinkage: a later batch moves W k_p by
+   1/(1 + μ·k_pᵀ(λC + KKᵀ)⁻¹k_p) of what plain MEMIT would (k_pᵀ(λC)⁻¹k_p ≈ d_key/λ ≈ 7 on
+   the bundled Gemma), so later batches stop writing over earlier ones (docs/evaluation.md).
 
 The update of layer l is low-rank by construction: ``left = Rᵀ`` [out, B] and
 ``right = (λC + KKᵀ)⁻¹K`` [in, B] (AlphaEdit: ``right = P ((K_pK_pᵀ + KKᵀ)P + αI)⁻¹ K``, which
@@ -43,9 +52,10 @@ arbitrary share of it, which MEMIT's spreading assumes.  λ also scales with the
 fraction of the residual inserted at a typical key is s/(1+s) with s ≈ d_key/λ (Mahalanobis norm
 kᵀC⁻¹k ≈ d_key), so GPT-J's λ = 15,000 at d_key = 16,384 corresponds to λ ≈ 2,000 at 2,048.
 
-Sequential editing state: AlphaEdit's K_p K_pᵀ is the only thing an edit needs from the edits
-before it, so :func:`compute_alphaedit` takes it as an explicit :class:`SequentialState` and
-returns the next one (the input is not changed); deltas stay self-contained.
+Sequential editing state: K_p K_pᵀ is the only thing an edit needs from the edits before it,
+so both methods take it as an explicit :class:`SequentialState` (never changed; the next one is
+:meth:`SequentialState.with_delta`, which :func:`compute_alphaedit` returns with its delta);
+deltas stay self-contained, each carrying its keys.
 """
 
 from __future__ import annotations
@@ -86,28 +96,26 @@ class SequentialState:
         found = self.grams.get(layer)
         return found if found is not None else torch.zeros(dim, dim, dtype=torch.float64)
 
-    def save(self, path: str) -> None:
-        torch.save({"grams": self.grams, "n_edits": self.n_edits}, path)
-
-    @classmethod
-    def load(cls, path: str) -> SequentialState:
-        data = torch.load(path, map_location="cpu")
-        return cls(dict(data["grams"]), int(data["n_edits"]))
+    def with_delta(self, handle: ModelHandle, delta: Delta) -> SequentialState:
+        """The state once ``delta`` is applied: its keys' K Kᵀ added per layer (float64; this
+        state is not changed)."""
+        layer_of = {handle.adapter.rewrite_path(j): j for j in range(handle.n_layers)}
+        grams = dict(self.grams)
+        for path, keys in sorted(delta.keys.items()):
+            K = keys.double().cpu()  # [in, n]
+            layer = layer_of[path]
+            grams[layer] = grams[layer] + K @ K.T if layer in grams else K @ K.T
+        n_new = max((k.shape[1] for k in delta.keys.values()), default=0)
+        return SequentialState(grams, self.n_edits + n_new)
 
     @classmethod
     def from_deltas(cls, handle: ModelHandle, deltas: list[Delta]) -> SequentialState:
         """Σ K Kᵀ per layer over the keys every delta carries (ROME, MEMIT or AlphaEdit), in
         list order, float64; ``n_edits`` counts the edited facts."""
-        layer_of = {handle.adapter.rewrite_path(j): j for j in range(handle.n_layers)}
-        grams: dict[int, torch.Tensor] = {}
-        n_edits = 0
+        state = cls()
         for delta in deltas:
-            n_edits += max((k.shape[1] for k in delta.keys.values()), default=0)
-            for path, keys in sorted(delta.keys.items()):
-                K = keys.double().cpu()  # [in, n]
-                layer = layer_of[path]
-                grams[layer] = grams.get(layer, 0) + K @ K.T
-        return cls(grams, n_edits)
+            state = state.with_delta(handle, delta)
+        return state
 
 
 def compute_memit(
@@ -115,13 +123,16 @@ def compute_memit(
     requests: EditRequest | list[EditRequest],
     hparams: MemitHParams | None = None,
     *,
+    state: SequentialState | None = None,
     corpus: str | None = None,
     base_version: int = 0,
 ) -> Delta:
     """The MEMIT delta for a batch of requests (one factor pair per edited layer, rank ≤ B);
-    never changes the model."""
-    delta, _ = _compute(handle, requests, hparams, corpus, None, base_version)
-    return delta
+    never changes the model.  ``state`` holds the earlier edits' keys, which the solve keeps
+    with weight ``prior_weight`` (none given: no earlier edits)."""
+    return _compute(
+        handle, requests, hparams, corpus, state or SequentialState(), False, base_version
+    )
 
 
 def compute_alphaedit(
@@ -135,11 +146,9 @@ def compute_alphaedit(
 ) -> tuple[Delta, SequentialState]:
     """The AlphaEdit delta for a batch, given the earlier edits' ``state``; returns the delta
     and the state to pass with the next batch (once this delta is applied)."""
-    delta, new_state = _compute(
-        handle, requests, hparams, corpus, state or SequentialState(), base_version
-    )
-    assert new_state is not None
-    return delta, new_state
+    state = state or SequentialState()
+    delta = _compute(handle, requests, hparams, corpus, state, True, base_version)
+    return delta, state.with_delta(handle, delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,10 +159,11 @@ def _compute(
     requests: EditRequest | list[EditRequest],
     hparams: MemitHParams | None,
     corpus: str | None,
-    state: SequentialState | None,
+    state: SequentialState,
+    alpha: bool,
     base_version: int,
-) -> tuple[Delta, SequentialState | None]:
-    """The shared body: MEMIT when ``state`` is None, else AlphaEdit (then the next state)."""
+) -> Delta:
+    """The shared body of MEMIT and (``alpha``) AlphaEdit."""
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
         raise ValueError("requests: at least one edit is needed")
@@ -161,7 +171,6 @@ def _compute(
     layers = list(hp.layers)
     if layers[0] < 0 or layers[-1] >= handle.n_layers:
         raise ValueError(f"layers: {layers} is outside 0..{handle.n_layers - 1}")
-    alpha = state is not None
     started = time.perf_counter()
     seconds = {"setup": 0.0, "optimise": 0.0, "keys": 0.0, "solve": 0.0}
 
@@ -209,13 +218,15 @@ def _compute(
         t0 = time.perf_counter()
         K = keys.T  # [in, B]
         cov = covs[layer]
+        earlier = state.gram(layer, K.shape[0]).to(K.device)  # K_pK_pᵀ [in, in]
         if alpha:
             P = projectors[layer]["P"]  # [in, in]
-            A = state.gram(layer, K.shape[0]).to(K.device) + K @ K.T  # K_pK_pᵀ + KKᵀ
+            A = earlier + K @ K.T
             eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
             right = P @ torch.linalg.solve(A @ P + hp.nullspace_l2 * eye, K)  # [in, B]
         else:
-            right = torch.linalg.solve(hp.mom2_update_weight * cov + K @ K.T, K)  # [in, B]
+            A = hp.mom2_update_weight * cov + hp.prior_weight * earlier + K @ K.T
+            right = torch.linalg.solve(A, K)  # [in, B]
         left = resid.T  # [out, B]
         weight = handle.rewrite_weight(layer).double()
         # ‖left rightᵀ‖_F² = tr((leftᵀleft)(rightᵀright)), without forming the matrix.
@@ -244,15 +255,6 @@ def _compute(
             }
         )
 
-    new_state = state
-    if alpha:
-        # The reference adds the keys as the fully edited model sees them (edited_keys).
-        grams = dict(state.grams)
-        for layer in layers:
-            K = edited_keys[handle.adapter.rewrite_path(layer)].double()  # [in, B]
-            grams[layer] = state.gram(layer, K.shape[0]) + K @ K.T
-        new_state = SequentialState(grams, state.n_edits + len(requests))
-
     seconds["total"] = time.perf_counter() - started
     provenance: dict[str, Any] = {
         "method": "alphaedit" if alpha else "memit",
@@ -268,9 +270,9 @@ def _compute(
         "covariance": {"n_tokens_requested": hp.cov_tokens, "corpus": corpus or "wikipedia"},
         "seconds": seconds,
     }
-    if alpha:
+    if alpha or hp.prior_weight > 0:
         provenance["prior_edits"] = state.n_edits
-    return Delta(factors, provenance, edited_keys), new_state
+    return Delta(factors, provenance, edited_keys)
 
 
 def _guard(

@@ -6,15 +6,16 @@ method         what one call computes                                 hyperparam
 ``rome``       one rank-one update per request, applied one after     ``RomeHParams``
                another on the fly (exact sequential ROME)
 ``memit``      one least-squares update for the whole batch           ``MemitHParams``
-               (rank ≤ batch per layer)
+               (rank ≤ batch per layer), keeping the earlier edits'
+               keys with weight ``prior_weight``
 ``alphaedit``  MEMIT's batch, projected onto the null space of the    ``MemitHParams``
                preserved keys and keeping the earlier edits' keys
 =============  =====================================================  ======================
 
 ``overrides`` has the shape of a model's entry in ``factpatch/data/hparams.json``: ROME keys at
 the top level, MEMIT/AlphaEdit keys under ``"memit"`` — e.g. ``{"layer": 3, "memit":
-{"mom2_update_weight": 100}}``.  AlphaEdit's memory of earlier edits comes from ``active``, the
-deltas the model holds (in order), through the keys each delta carries
+{"mom2_update_weight": 100}}``.  MEMIT's and AlphaEdit's memory of earlier edits comes from
+``active``, the deltas the model holds (in order), through the keys each delta carries
 (:meth:`SequentialState.from_deltas`); so any ledger version, rolled back or not, gives the state
 that belongs to it.
 """
@@ -57,8 +58,8 @@ def compute_delta(
         hp = default_hparams(handle, **rome_overrides)
         return compute_edit(handle, requests, hp, base_version=base_version)
     hp_memit = default_memit_hparams(handle, **memit_overrides)
-    if method == "memit":
-        return compute_memit(handle, requests, hp_memit, base_version=base_version)
     state = SequentialState.from_deltas(handle, list(active or []))
+    if method == "memit":
+        return compute_memit(handle, requests, hp_memit, state=state, base_version=base_version)
     delta, _ = compute_alphaedit(handle, requests, hp_memit, state=state, base_version=base_version)
     return delta

@@ -71,10 +71,12 @@ def replay(
     lam: float,
     scale: float = 1.0,
     cov: torch.Tensor | None = None,
+    prior: float = 0.0,
 ) -> list[torch.Tensor]:
     """The edited layer's weight (float64, (out, in)) after each replayed batch; ``handle``
     must hold the run's unedited model (its weights are read, never written).  ``cov`` [in, in]
-    re-solves with another key covariance (default: the run's)."""
+    re-solves with another key covariance (default: the run's); ``prior`` > 0 adds the earlier
+    batches' keys to the preserved term, ``prior · Σ K_p K_pᵀ``."""
     layer, batch = report["layers"][0], report["batch"]
     path = handle.adapter.rewrite_path(layer)
     if cov is None:
@@ -82,6 +84,7 @@ def replay(
     cov = cov.double().to(handle.device)
     recorded = handle.rewrite_weight(layer).double().clone()  # W_{b−1}, the run's model
     replayed = recorded.clone()  # W'_{b−1}
+    gram = torch.zeros_like(cov)  # Σ K_p K_pᵀ over the batches before b
     out = []
     for b, delta in enumerate(deltas):
         requests = [request_for(r) for r in records[b * batch : (b + 1) * batch]]
@@ -92,7 +95,8 @@ def replay(
             raise ValueError(f"records: batch {b} of the run has {left.shape[1]} facts")
         resid = scale * (left.T + k_bare @ (recorded - replayed).T)  # R'ᵀ: [B, out]
         K = delta.keys[path].double().to(recorded.device)  # [in, B]
-        new_right = torch.linalg.solve(lam * cov + K @ K.T, K)  # [in, B]
+        new_right = torch.linalg.solve(lam * cov + prior * gram + K @ K.T, K)  # [in, B]
+        gram += K @ K.T
         recorded += left @ right.T
         replayed += resid.T @ new_right.T
         out.append(replayed.clone())
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             point["lam"],
             point.get("scale", 1.0),
             run_covariance(handle, report, point.get("cov_tokens")),
+            point.get("prior", 0.0),
         )
         load_weights(handle, {path: weights[-1]})
         line = {
@@ -158,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             "paragraphs": len(held),
             "perplexity": perplexity(handle, held),
             "unedited_perplexity": unedited,
-            **summarise(measure_records(handle, records)),
+            **summarise(measured := measure_records(handle, records)),
+            "by_batch": [
+                summarise(measured[b * report["batch"] : (b + 1) * report["batch"]])
+                for b in range(len(deltas))
+            ],
             "seconds": time.perf_counter() - t0,
         }
         load_weights(handle, base)

@@ -17,11 +17,12 @@ first batch and after the last one it also measures
   records the indices, and how many paragraphs the covariance read).
 
 Methods: ``rome`` (plain ROME, one edit after another on the edited model; a batch is just a
-checkpoint), ``memit`` (one MEMIT delta per batch), ``alphaedit`` (one AlphaEdit delta per
-batch, the :class:`SequentialState` threaded from batch to batch).
+checkpoint), ``memit`` and ``alphaedit`` (one delta per batch, given the
+:class:`SequentialState` of the deltas before it, as a worker computes it from a ledger
+version).
 
-Runs can be split: with ``checkpoint`` set, every batch's delta (and AlphaEdit's state, and the
-curve so far) is saved, and a later call with the same folder continues from there.  The base
+Runs can be split: with ``checkpoint`` set, every batch's delta (and the curve so far) is
+saved, and a later call with the same folder continues from there.  The base
 weights are restored bit-for-bit at the end of every call (checked against the weights hash).
 """
 
@@ -257,9 +258,9 @@ def _compute_batch(
     records: list[dict[str, Any]],
     hparams: RomeHParams | MemitHParams,
     corpus: str | None,
-    state: SequentialState | None,
+    earlier: list[Delta],
     apply: Any,
-) -> tuple[list[Delta], SequentialState | None, list[str]]:
+) -> tuple[list[Delta], list[str]]:
     """The deltas of one batch (ROME: one per record, each applied before the next)."""
     requests = [request_for(r) for r in records]
     refused: list[str] = []
@@ -273,17 +274,17 @@ def _compute_batch(
                 continue
             deltas.append(delta)
             apply([delta])
-        return deltas, state, refused
+        return deltas, refused
+    state = SequentialState.from_deltas(handle, earlier)
     try:
         if method == "memit":
-            deltas = [compute_memit(handle, requests, hparams, corpus=corpus)]
+            delta = compute_memit(handle, requests, hparams, state=state, corpus=corpus)
         else:
-            delta, state = compute_alphaedit(handle, requests, hparams, state=state, corpus=corpus)
-            deltas = [delta]
+            delta, _ = compute_alphaedit(handle, requests, hparams, state=state, corpus=corpus)
     except DegenerateEditError as err:
-        return [], state, [str(err)]
-    apply(deltas)
-    return deltas, state, refused
+        return [], [str(err)]
+    apply([delta])
+    return [delta], refused
 
 
 def evaluate_sequential(
@@ -331,9 +332,6 @@ def evaluate_sequential(
     else:
         report = {"method": method, "n_edits_planned": len(records), "batch": batch}
     deltas = checkpoint_deltas(folder) if folder else []
-    state = SequentialState() if method == "alphaedit" else None
-    if folder and method == "alphaedit" and (folder / "state.pt").is_file():
-        state = SequentialState.load(str(folder / "state.pt"))
 
     def apply(new: list[Delta]) -> None:
         deltas.extend(new)
@@ -375,9 +373,7 @@ def evaluate_sequential(
         while done < len(records) and (max_batches is None or batches < max_batches):
             chunk = records[done : done + batch]
             t0 = time.perf_counter()
-            new, state, refused = _compute_batch(
-                handle, method, chunk, hparams, corpus, state, apply
-            )
+            new, refused = _compute_batch(handle, method, chunk, hparams, corpus, deltas, apply)
             edit_seconds = time.perf_counter() - t0
             report["seconds"]["edit"] += edit_seconds
             report["refused"] += refused
@@ -403,8 +399,6 @@ def evaluate_sequential(
                 start = len(list((folder / "deltas").iterdir()))
                 for k, delta in enumerate(new):
                     delta.save(folder / "deltas" / f"{start + k:05d}")
-                if state is not None:
-                    state.save(str(folder / "state.pt"))
                 _write_progress(folder, report)
             if progress:
                 print(
