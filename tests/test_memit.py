@@ -392,15 +392,16 @@ def test_guard_reads_the_update_per_fact(tiny_llama, memit_hparams):
         compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=0.99 * worst))
 
 
+@pytest.mark.parametrize("prior_weight", [0.0, 1.0])
 def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
-    tiny_llama, memit_hparams, tmp_path
+    prior_weight, tiny_llama, memit_hparams, tmp_path
 ):
     from factpatch.editing import materialize
     from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
     from factpatch.evaluation.sequential import evaluate_sequential
 
     records = _records()[:4]
-    hp = memit_hparams.with_overrides(layers=(1,), steps=2)
+    hp = memit_hparams.with_overrides(layers=(1,), steps=2, prior_weight=prior_weight)
     options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, ppl_paragraphs=2, progress=False)
     evaluate_sequential(tiny_llama, records, "memit", hp, checkpoint=tmp_path, **options)
     report, deltas = load_run(tmp_path)
@@ -425,6 +426,12 @@ def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
     twice = replay(tiny_llama, report, deltas, records, 2 * hp.mom2_update_weight)
     torch.testing.assert_close(doubled[-1], twice[-1])
     assert not torch.allclose(doubled[-1], same[-1])
+    # the earlier batch's keys in the solve (μ = 1) or not (μ = 0): the run's μ reproduces it
+    other = replay(
+        tiny_llama, report, deltas, records, hp.mom2_update_weight, prior=1 - prior_weight
+    )
+    torch.testing.assert_close(other[0], same[0])  # the first batch has no earlier keys
+    assert not torch.allclose(other[-1], same[-1], atol=1e-5, rtol=1e-4)
 
 
 def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):

@@ -15,9 +15,10 @@ fact, v*ᵢ = W_{b−1} kᵢ + Rᵢ, with R its delta's left factor and W_{b−1
 batch b; a run with other settings would optimise δ again against its own model.  Batch b is
 re-solved on the replayed model W'_{b−1} as (MEMIT eq. 14, float64)
 
-    R'ᵢ = s · (Rᵢ + (W_{b−1} − W'_{b−1}) kᵢ),    Δ'_b = R' Kᵀ (λ'·C + K Kᵀ)⁻¹
+    R'ᵢ = s · (Rᵢ + (W_{b−1} − W'_{b−1}) kᵢ),    Δ'_b = R' Kᵀ (λ'·C + μ'·K_pK_pᵀ + K Kᵀ)⁻¹
 
-With λ' the run's λ and s = 1 the replay reproduces the recorded run's weights.  A grid point's
+with K_pK_pᵀ the earlier batches' keys.  With λ' and μ' the run's and s = 1 the replay
+reproduces the recorded run's weights.  A grid point's ``prior`` sets μ', its
 ``cov_tokens`` re-solves with C estimated from that many tokens; ``--paragraphs`` measures
 perplexity on another held-back set than the run's (the unedited value is then measured too).
 """
@@ -71,12 +72,14 @@ def replay(
     lam: float,
     scale: float = 1.0,
     cov: torch.Tensor | None = None,
-    prior: float = 0.0,
+    prior: float | None = None,
 ) -> list[torch.Tensor]:
     """The edited layer's weight (float64, (out, in)) after each replayed batch; ``handle``
     must hold the run's unedited model (its weights are read, never written).  ``cov`` [in, in]
-    re-solves with another key covariance (default: the run's); ``prior`` > 0 adds the earlier
-    batches' keys to the preserved term, ``prior · Σ K_p K_pᵀ``."""
+    re-solves with another key covariance (default: the run's); ``prior`` is the weight μ of the
+    earlier batches' keys in the preserved term, ``μ · Σ K_p K_pᵀ`` (default: the run's)."""
+    if prior is None:
+        prior = float(report["hparams"].get("prior_weight", 0.0))
     layer, batch = report["layers"][0], report["batch"]
     path = handle.adapter.rewrite_path(layer)
     if cov is None:
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             point["lam"],
             point.get("scale", 1.0),
             run_covariance(handle, report, point.get("cov_tokens")),
-            point.get("prior", 0.0),
+            point.get("prior"),
         )
         load_weights(handle, {path: weights[-1]})
         line = {
