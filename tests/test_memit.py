@@ -199,6 +199,35 @@ def test_memit_prior_weight_keeps_the_earlier_edits(tiny_llama, memit_hparams):
     assert float(kept.dense(path).norm()) > 0.1 * float(plain.dense(path).norm())
 
 
+def test_a_worker_memit_job_keeps_the_active_deltas_keys(tiny_llama, memit_hparams):
+    """compute_delta (what a worker runs) builds MEMIT's memory from the version's active
+    deltas when prior_weight > 0, and needs none when it is 0."""
+    from factpatch.editing import compute_delta
+
+    settings = {**memit_hparams.with_overrides(layers=(1,)).to_dict(), "prior_weight": 1.0}
+    path = tiny_llama.adapter.rewrite_path(1)
+    base = base_weights(tiny_llama, [path])
+    try:
+        first = compute_delta(tiny_llama, REQUESTS[:2], "memit", overrides={"memit": settings})
+        apply_delta(tiny_llama, first)
+        kept = compute_delta(
+            tiny_llama, REQUESTS[2:], "memit", overrides={"memit": settings}, active=[first]
+        )
+        plain = compute_delta(
+            tiny_llama,
+            REQUESTS[2:],
+            "memit",
+            overrides={"memit": {**settings, "prior_weight": 0.0}},
+            active=[first],
+        )
+    finally:
+        load_weights(tiny_llama, base)
+    assert first.provenance["prior_edits"] == 0 and kept.provenance["prior_edits"] == 2
+    assert "prior_edits" not in plain.provenance
+    earlier = first.keys[path]
+    assert (kept.dense(path) @ earlier).norm() < (plain.dense(path) @ earlier).norm()
+
+
 def test_post_norm_inverse_reaches_the_wanted_direction(tokenizer):
     handle = build_tiny("gemma3", tokenizer)
     norm = _post_norm(handle, 1)

@@ -33,8 +33,9 @@ A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l
    the line above, since W already maps each k_p to its edited value.  It is the K_p term of
    AlphaEdit's objective (Fang et al. 2025, eq. 5) without the null-space projection.  For one
    earlier key, Sherman–Morrison gives the shrinkage: a later batch moves W k_p by
-   1/(1 + μ·k_pᵀ(λC + KKᵀ)⁻¹k_p) of what plain MEMIT would (k_pᵀ(λC)⁻¹k_p ≈ d_key/λ ≈ 7 on
-   the bundled Gemma), so later batches stop writing over earlier ones (docs/evaluation.md).
+   1/(1 + μ·k_pᵀ(λC + KKᵀ)⁻¹k_p) of what plain MEMIT would (k_pᵀ(λC)⁻¹k_p ≈ d_key/λ: 7 at
+   λ = 300 on the bundled Gemma), so later batches stop writing over earlier ones
+   (docs/evaluation.md).
 
 The update of layer l is low-rank by construction: ``left = Rᵀ`` [out, B] and
 ``right = (λC + KKᵀ)⁻¹K`` [in, B] (AlphaEdit: ``right = P ((K_pK_pᵀ + KKᵀ)P + αI)⁻¹ K``, which

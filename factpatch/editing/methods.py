@@ -58,6 +58,8 @@ def compute_delta(
         hp = default_hparams(handle, **rome_overrides)
         return compute_edit(handle, requests, hp, base_version=base_version)
     hp_memit = default_memit_hparams(handle, **memit_overrides)
+    if method == "memit" and hp_memit.prior_weight == 0:  # the paper's MEMIT needs no memory
+        return compute_memit(handle, requests, hp_memit, base_version=base_version)
     state = SequentialState.from_deltas(handle, list(active or []))
     if method == "memit":
         return compute_memit(handle, requests, hp_memit, state=state, base_version=base_version)
