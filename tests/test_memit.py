@@ -485,6 +485,15 @@ def test_plot_labels_tell_apart_runs_of_one_method():
         "memit (clamp_norm_factor=0.5)",
         "alphaedit",
     ]
+    # a setting a run does not record (it predates it) reads as its default
+    runs.append(
+        {
+            "method": "memit",
+            "hparams": {"clamp_norm_factor": 0.5, "layers": [2], "prior_weight": 1.0},
+        }
+    )
+    assert labels(runs)[1] == "memit (clamp_norm_factor=0.5, prior_weight=0.0)"
+    assert labels(runs)[3] == "memit (clamp_norm_factor=0.5, prior_weight=1.0)"
 
 
 def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_path):

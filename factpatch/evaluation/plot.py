@@ -9,14 +9,18 @@ panel shows the re-measured values of the runs that file covers (matched by chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from factpatch.editing.hparams import MemitHParams, RomeHParams
 
 METRICS = (
     ("efficacy", "Efficacy (ES)"),
@@ -31,14 +35,21 @@ def labels(reports: list[dict]) -> list[str]:
     """The method's name, plus the settings that tell apart runs of the same method."""
     out = []
     for report in reports:
-        same = [r for r in reports if r["method"] == report["method"]]
-        keys = sorted({k for r in same for k in r.get("hparams", {})})
-        differ = [
-            k for k in keys if len({json.dumps(r.get("hparams", {}).get(k)) for r in same}) > 1
-        ]
-        extra = ", ".join(f"{k}={report.get('hparams', {}).get(k)}" for k in differ)
+        same = [_settings(r) for r in reports if r["method"] == report["method"]]
+        keys = sorted({k for s in same for k in s})
+        differ = [k for k in keys if len({json.dumps(s.get(k)) for s in same}) > 1]
+        extra = ", ".join(f"{k}={_settings(report).get(k)}" for k in differ)
         out.append(f"{report['method']} ({extra})" if extra else report["method"])
     return out
+
+
+def _settings(report: dict) -> dict[str, Any]:
+    """A run's hyperparameters; one it does not record (added after it ran) at its default."""
+    kind = RomeHParams if report["method"] == "rome" else MemitHParams
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING
+    }
+    return {**defaults, **report.get("hparams", {})}
 
 
 def with_perplexity(report: dict, remeasured: dict) -> dict:
