@@ -45,9 +45,10 @@ Purity as in ROME: no weight is written.  Earlier layers' updates act through th
 forward hooks that add ``left (rightᵀ k)`` to the rewrite module's output
 (:mod:`factpatch.models.hooks`), removed when each pass ends.
 
-On the bundled Gemma 3 270M the measured defaults edit a single layer (layer 2, λ = 300): with
-two to five layers the spread residual did not reach its target (efficacy 35–75 % against 100 %
-for one layer, counterfact-train, docs/evaluation.md).  The post-feed-forward norm fixes the
+On the bundled Gemma 3 270M the measured defaults edit a single layer (layer 4, λ = 75, μ = 1:
+a fifth of layer 2's perplexity cost per edit, docs/evaluation.md): with two to five layers the
+spread residual did not reach its target (efficacy 35–75 % against 100 % for one layer,
+counterfact-train).  The post-feed-forward norm fixes the
 size of each MLP's contribution to the residual stream, so an earlier layer cannot add an
 arbitrary share of it, which MEMIT's spreading assumes.  λ also scales with the key width: the
 fraction of the residual inserted at a typical key is s/(1+s) with s ≈ d_key/λ (Mahalanobis norm
