@@ -481,8 +481,8 @@ def test_plot_labels_tell_apart_runs_of_one_method():
         {"method": "alphaedit", "hparams": {"clamp_norm_factor": 1.0, "layers": [2]}},
     ]
     assert labels(runs) == [
-        "memit (clamp_norm_factor=1.0)",
-        "memit (clamp_norm_factor=0.5)",
+        "memit (clamp=1)",
+        "memit (clamp=0.5)",
         "alphaedit",
     ]
     # a setting a run does not record (it predates it) reads as its default
@@ -492,8 +492,8 @@ def test_plot_labels_tell_apart_runs_of_one_method():
             "hparams": {"clamp_norm_factor": 0.5, "layers": [2], "prior_weight": 1.0},
         }
     )
-    assert labels(runs)[1] == "memit (clamp_norm_factor=0.5, prior_weight=0.0)"
-    assert labels(runs)[3] == "memit (clamp_norm_factor=0.5, prior_weight=1.0)"
+    assert labels(runs)[1] == "memit (clamp=0.5, μ=0)"
+    assert labels(runs)[3] == "memit (clamp=0.5, μ=1)"
 
 
 def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_path):

@@ -29,6 +29,13 @@ METRICS = (
 )
 COLOURS = {"rome": "tab:red", "memit": "tab:blue", "alphaedit": "tab:green"}
 STYLES = ("-", "--", "-.", ":")  # runs of one method: same colour, one line style each
+SHORT = {  # hyperparameter names in legends
+    "clamp_norm_factor": "clamp",
+    "mom2_update_weight": "λ",
+    "prior_weight": "μ",
+    "nullspace_l2": "α",
+    "nullspace_threshold": "threshold",
+}
 
 
 def labels(reports: list[dict]) -> list[str]:
@@ -38,9 +45,13 @@ def labels(reports: list[dict]) -> list[str]:
         same = [_settings(r) for r in reports if r["method"] == report["method"]]
         keys = sorted({k for s in same for k in s})
         differ = [k for k in keys if len({json.dumps(s.get(k)) for s in same}) > 1]
-        extra = ", ".join(f"{k}={_settings(report).get(k)}" for k in differ)
+        extra = ", ".join(f"{SHORT.get(k, k)}={_show(_settings(report).get(k))}" for k in differ)
         out.append(f"{report['method']} ({extra})" if extra else report["method"])
     return out
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value)
 
 
 def _settings(report: dict) -> dict[str, Any]:
@@ -81,7 +92,9 @@ def _style(reports: list[dict], index: int) -> dict:
 
 def plot(reports: list[dict], out: str, title: str) -> None:
     wear = any("perplexity" in p for r in reports for p in r["curve"])
-    fig, axes = plt.subplots(1, 4 if wear else 3, figsize=(17 if wear else 13, 3.8), sharex=True)
+    fig, axes = plt.subplots(
+        1, 4 if wear else 3, figsize=(17 if wear else 13, 4.6), sharex=True, layout="constrained"
+    )
     if wear:  # perplexity change along the curve, against each run's unedited model
         ax = axes[-1]
         for i, report in enumerate(reports):
@@ -99,7 +112,7 @@ def plot(reports: list[dict], out: str, title: str) -> None:
             if "perplexity_paragraphs" in r
         }
         text = f"{counts.pop()} held-back paragraphs" if len(counts) == 1 else "held-back Wikipedia"
-        ax.set_title(f"Perplexity change ({text})")
+        ax.set_title(f"Perplexity change\n({text})")
         ax.set_xlabel("number of edits")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
@@ -120,9 +133,8 @@ def plot(reports: list[dict], out: str, title: str) -> None:
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("% of edited facts")
-    axes[2].legend(loc="lower left")
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="outside lower center", ncol=4)
     fig.suptitle(title)
-    fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
 
