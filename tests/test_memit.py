@@ -310,6 +310,9 @@ def test_sequential_evaluation_runs_resumes_and_restores(
     )
     assert first["restored"] and weights_hash(tiny_llama.model) == before
     assert not first["complete"] and first["n_edits"] == 2 and "fluency" not in first
+    other = hp.with_overrides(steps=3)  # resuming with other settings would mix two runs
+    with pytest.raises(ValueError, match="other hyperparameters \\(steps\\)"):
+        evaluate_sequential(tiny_llama, records, method, other, checkpoint=tmp_path, **options)
     report = evaluate_sequential(tiny_llama, records, method, hp, checkpoint=tmp_path, **options)
     assert report["restored"] and weights_hash(tiny_llama.model) == before
     assert report["complete"] and report["n_edits"] == 4 and report["batch"] == 2

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from importlib.resources import files
 from typing import Any
 
@@ -42,6 +42,14 @@ class RomeHParams:
         if unknown:
             raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
         return replace(self, **overrides)
+
+
+def recorded_settings(kind: type, recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded hyperparameters (``kind``: RomeHParams or MemitHParams), JSON-normal,
+    with any the run predates at their default (a setting added since behaves as before at
+    its default)."""
+    defaults = {f.name: f.default for f in fields(kind) if f.default is not MISSING}
+    return json.loads(json.dumps({**defaults, **recorded}))
 
 
 def _table() -> dict[str, Any]:

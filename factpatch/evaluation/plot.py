@@ -9,7 +9,6 @@ panel shows the re-measured values of the runs that file covers (matched by chec
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from factpatch.editing.hparams import MemitHParams, RomeHParams
+from factpatch.editing.hparams import MemitHParams, RomeHParams, recorded_settings
 
 METRICS = (
     ("efficacy", "Efficacy (ES)"),
@@ -57,10 +56,7 @@ def _show(value: Any) -> str:
 def _settings(report: dict) -> dict[str, Any]:
     """A run's hyperparameters; one it does not record (added after it ran) at its default."""
     kind = RomeHParams if report["method"] == "rome" else MemitHParams
-    defaults = {
-        f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING
-    }
-    return {**defaults, **report.get("hparams", {})}
+    return recorded_settings(kind, report.get("hparams", {}))
 
 
 def with_perplexity(report: dict, remeasured: dict) -> dict:

@@ -55,6 +55,7 @@ from factpatch.editing import (
     materialize,
 )
 from factpatch.editing.covariance import layer_covariances
+from factpatch.editing.hparams import recorded_settings
 from factpatch.editing.prompts import continuation, pad_batch
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for, summarise
@@ -329,6 +330,14 @@ def evaluate_sequential(
         report = json.loads(progress_file.read_text())
         if report["method"] != method or report["n_edits_planned"] != len(records):
             raise ValueError(f"checkpoint: {folder} holds another run")
+        recorded = recorded_settings(type(hparams), report.get("hparams", {}))
+        now = json.loads(json.dumps(hparams.to_dict()))
+        differ = sorted(k for k in now if "hparams" in report and recorded.get(k) != now[k])
+        if differ:
+            raise ValueError(
+                f"checkpoint: {folder} was run with other hyperparameters ({', '.join(differ)}): "
+                "resuming would mix settings"
+            )
     else:
         report = {"method": method, "n_edits_planned": len(records), "batch": batch}
     deltas = checkpoint_deltas(folder) if folder else []
