@@ -153,6 +153,32 @@ def compute_alphaedit(
     return delta, state.with_delta(handle, delta)
 
 
+def compute_batch(
+    handle: ModelHandle,
+    requests: list[EditRequest],
+    method: str,
+    hparams: MemitHParams,
+    earlier: list[Delta],
+    *,
+    corpus: str | None = None,
+    base_version: int = 0,
+) -> Delta:
+    """``method``'s (``memit`` or ``alphaedit``) delta for a batch on a model that holds the
+    deltas ``earlier`` (in order); their memory is built from their keys only when the method
+    reads it (AlphaEdit, MEMIT with ``prior_weight`` > 0)."""
+    if method == "memit" and hparams.prior_weight == 0:  # the paper's MEMIT needs no memory
+        return compute_memit(handle, requests, hparams, corpus=corpus, base_version=base_version)
+    state = SequentialState.from_deltas(handle, earlier)
+    if method == "memit":
+        return compute_memit(
+            handle, requests, hparams, state=state, corpus=corpus, base_version=base_version
+        )
+    delta, _ = compute_alphaedit(
+        handle, requests, hparams, state=state, corpus=corpus, base_version=base_version
+    )
+    return delta
+
+
 # ---------------------------------------------------------------------------------------------
 
 

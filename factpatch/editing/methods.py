@@ -26,7 +26,7 @@ from typing import Any
 
 from factpatch.editing.delta import Delta
 from factpatch.editing.hparams import default_hparams, default_memit_hparams
-from factpatch.editing.memit import SequentialState, compute_alphaedit, compute_memit
+from factpatch.editing.memit import compute_batch
 from factpatch.editing.requests import EditRequest
 from factpatch.editing.rome import compute_edit
 from factpatch.models.loading import ModelHandle
@@ -58,10 +58,6 @@ def compute_delta(
         hp = default_hparams(handle, **rome_overrides)
         return compute_edit(handle, requests, hp, base_version=base_version)
     hp_memit = default_memit_hparams(handle, **memit_overrides)
-    if method == "memit" and hp_memit.prior_weight == 0:  # the paper's MEMIT needs no memory
-        return compute_memit(handle, requests, hp_memit, base_version=base_version)
-    state = SequentialState.from_deltas(handle, list(active or []))
-    if method == "memit":
-        return compute_memit(handle, requests, hp_memit, state=state, base_version=base_version)
-    delta, _ = compute_alphaedit(handle, requests, hp_memit, state=state, base_version=base_version)
-    return delta
+    return compute_batch(
+        handle, requests, method, hp_memit, list(active or []), base_version=base_version
+    )

@@ -39,12 +39,15 @@ SHORT = {  # hyperparameter names in legends
 
 def labels(reports: list[dict]) -> list[str]:
     """The method's name, plus the settings that tell apart runs of the same method."""
+    settings = [_settings(r) for r in reports]
     out = []
-    for report in reports:
-        same = [_settings(r) for r in reports if r["method"] == report["method"]]
+    for report, mine in zip(reports, settings, strict=True):
+        same = [
+            s for r, s in zip(reports, settings, strict=True) if r["method"] == report["method"]
+        ]
         keys = sorted({k for s in same for k in s})
         differ = [k for k in keys if len({json.dumps(s.get(k)) for s in same}) > 1]
-        extra = ", ".join(f"{SHORT.get(k, k)}={_show(_settings(report).get(k))}" for k in differ)
+        extra = ", ".join(f"{SHORT.get(k, k)}={_show(mine.get(k))}" for k in differ)
         out.append(f"{report['method']} ({extra})" if extra else report["method"])
     return out
 

@@ -17,9 +17,8 @@ first batch and after the last one it also measures
   records the indices, and how many paragraphs the covariance read).
 
 Methods: ``rome`` (plain ROME, one edit after another on the edited model; a batch is just a
-checkpoint), ``memit`` and ``alphaedit`` (one delta per batch, given the
-:class:`SequentialState` of the deltas before it, as a worker computes it from a ledger
-version).
+checkpoint), ``memit`` and ``alphaedit`` (one delta per batch, given the deltas before it,
+as a worker computes it on a ledger version: :func:`factpatch.editing.memit.compute_batch`).
 
 Runs can be split: with ``checkpoint`` set, every batch's delta (and the curve so far) is
 saved, and a later call with the same folder continues from there.  The base
@@ -46,16 +45,14 @@ from factpatch.editing import (
     Delta,
     MemitHParams,
     RomeHParams,
-    SequentialState,
     base_weights,
-    compute_alphaedit,
     compute_edit,
-    compute_memit,
     load_weights,
     materialize,
 )
 from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.hparams import recorded_settings
+from factpatch.editing.memit import compute_batch
 from factpatch.editing.prompts import continuation, pad_batch
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for, summarise
@@ -276,12 +273,8 @@ def _compute_batch(
             deltas.append(delta)
             apply([delta])
         return deltas, refused
-    state = SequentialState.from_deltas(handle, earlier)
     try:
-        if method == "memit":
-            delta = compute_memit(handle, requests, hparams, state=state, corpus=corpus)
-        else:
-            delta, _ = compute_alphaedit(handle, requests, hparams, state=state, corpus=corpus)
+        delta = compute_batch(handle, requests, method, hparams, earlier, corpus=corpus)
     except DegenerateEditError as err:
         return [], [str(err)]
     apply([delta])
@@ -332,8 +325,8 @@ def evaluate_sequential(
             raise ValueError(f"checkpoint: {folder} holds another run")
         recorded = recorded_settings(type(hparams), report.get("hparams", {}))
         now = json.loads(json.dumps(hparams.to_dict()))
-        differ = sorted(k for k in now if "hparams" in report and recorded.get(k) != now[k])
-        if differ:
+        differ = sorted(k for k in now if recorded.get(k) != now[k])
+        if "hparams" in report and differ:
             raise ValueError(
                 f"checkpoint: {folder} was run with other hyperparameters ({', '.join(differ)}): "
                 "resuming would mix settings"
