@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from factpatch.cli import model_args
 from factpatch.editing import (
     SequentialState,
     compute_alphaedit,
@@ -39,7 +40,7 @@ DATA = ROOT.parent / "shared/data/counterfact/counterfact-train.json"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m")
+    model_args(parser)  # --model, --device, --dtype
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--offset", type=int, default=1000, help="first training record used")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100])
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/batch_throughput.json")
     args = parser.parse_args()
 
-    handle = load_model(args.model, device="cpu")
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
     hp = default_memit_hparams(handle)
     records = load_records(args.data)[args.offset : args.offset + max(args.sizes)]
     requests = [request_for(r) for r in records]
@@ -96,6 +97,8 @@ def main() -> None:
         "hparams": hp.to_dict(),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
+            "device": str(handle.device),
+            "dtype": str(handle.dtype).removeprefix("torch."),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

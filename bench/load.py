@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 import grpc
 import torch
 
+from factpatch.cli import model_args
 from factpatch.client import Client
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
@@ -64,14 +65,14 @@ def client_loop(target: str, seed: int, stop: threading.Event, out: dict) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m")
+    model_args(parser)  # --model, --device, --dtype
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--hparams", default="{}", help="JSON overrides for the worker")
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    handle = load_model(args.model, device="cpu")
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
     copies = [handle.clone() for _ in range(2)]
     out = {"latency": defaultdict(list), "errors": Counter(), "acknowledged": []}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, EmbeddedRedis(tmp) as redis_server:
@@ -135,6 +136,8 @@ def main() -> None:
     result = {
         "model": handle.name,
         "machine": platform.processor() or platform.machine(),
+        "device": str(handle.device),
+        "dtype": str(handle.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "clients": args.clients,
         "seconds": round(elapsed, 1),

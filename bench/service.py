@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from factpatch.cli import model_args
 from factpatch.client import Client, JobHandle
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
@@ -106,13 +107,13 @@ def run_edits(fp: Client, n: int, offset: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m")
+    model_args(parser)  # --model, --device, --dtype
     parser.add_argument("--edits", type=int, default=6)
     parser.add_argument("--idle-seconds", type=float, default=20)
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    handle = load_model(args.model, device="cpu")
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
     # Workers' models are copied now, before the server's replica applies any edit.
     copies = [handle.clone() for _ in range(2)]
     results: dict = {
@@ -120,6 +121,8 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "device": str(handle.device),
+        "dtype": str(handle.dtype).removeprefix("torch."),
     }
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, EmbeddedRedis(tmp) as redis_server:
         client = redis_server.client()

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from factpatch.cli import model_args
 from factpatch.models import load_model
 from factpatch.tracing import KINDS, trace, trace_kinds
 from factpatch.tracing.noise import subject_embedding_std
@@ -47,7 +48,7 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m")
+    model_args(parser)  # --model, --device, --dtype
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--subject", default=SUBJECT)
     parser.add_argument("--samples", type=int, default=10)
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = dict(samples=args.samples, window=args.window)
 
-    handle, load_s = timed(load_model, args.model, device="cpu")
+    handle, load_s = timed(load_model, args.model, device=args.device, dtype=args.dtype)
     _, noise_s = timed(subject_embedding_std, handle)
     trace(handle, args.prompt, args.subject, samples=1, noise=0.0)  # warm-up
     report: dict[str, Any] = {
@@ -65,6 +66,7 @@ def main() -> None:
             "cpu": cpu_name(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "device": str(handle.device),
             "dtype": str(handle.dtype).removeprefix("torch."),
         },
         "model": args.model,

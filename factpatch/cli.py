@@ -14,7 +14,7 @@ from factpatch.editing.prompts import continuation_logprobs
 from factpatch.models.loading import DEFAULT_MODEL, ModelHandle, default_device
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
+def model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled alias, HF folder or .gguf")
     parser.add_argument(
         "--device", default=None, help=f"torch device (default: {default_device()})"
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     edit = sub.add_parser("edit", help="edit one fact with ROME and show before/after")
-    _model_args(edit)
+    model_args(edit)
     _hparam_args(edit)
     edit.add_argument("--prompt", required=True, help='e.g. "{} is located in the city of"')
     edit.add_argument("--subject", required=True)
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate edits on a benchmark")
     bench = evaluate.add_subparsers(dest="benchmark", required=True)
     cf = bench.add_parser("counterfact", help="single-edit CounterFact (Meng et al. 2022)")
-    _model_args(cf)
+    model_args(cf)
     _hparam_args(cf)
     cf.add_argument("--data", required=True, help="CounterFact JSON (flat KnowEdit layout)")
     cf.add_argument("--n", type=int, help="first N records")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from factpatch.ledger.cli import add_ledger_parser
 
-    add_ledger_parser(sub, _model_args)
+    add_ledger_parser(sub, model_args)
     _add_service_parsers(sub)
     from factpatch.tracing.cli import add_trace_parser
 

@@ -113,10 +113,20 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny(family: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> ModelHandle:
+# The device the tiny models live on: cpu here and in CI; FACTPATCH_TEST_DEVICE=cuda runs the
+# same tests on a GPU (bench/device_check.sh).
+TEST_DEVICE = os.environ.get("FACTPATCH_TEST_DEVICE", "cpu")
+
+
+def build_tiny(
+    family: str,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> ModelHandle:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(family, len(tokenizer)), dtype=torch.float32)
-    return wrap_model(model, tokenizer, name=f"tiny-{family}")
+    return wrap_model(model.to(TEST_DEVICE, dtype), tokenizer, name=f"tiny-{family}")
 
 
 def random_delta(handle: ModelHandle, seed: int, scale: float = 3.0) -> Delta:
@@ -203,8 +213,8 @@ def env(tmp_path) -> dict[str, str]:
     return {
         **os.environ,
         "FACTPATCH_CACHE_DIR": str(tmp_path / "cache"),
-        "FACTPATCH_DEVICE": "cpu",
-        "PYTHONPATH": str(root),
+        "FACTPATCH_DEVICE": TEST_DEVICE,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": "1",  # four processes on two cores
     }
 

@@ -10,7 +10,7 @@ from factpatch.cli import main
 from factpatch.ledger import Ledger
 from factpatch.models import load_model, tensor_sha256
 from factpatch.runtime import Replica
-from tests.conftest import DATA, random_delta
+from tests.conftest import DATA, TEST_DEVICE, random_delta
 
 FAST = [
     "--set",
@@ -38,7 +38,7 @@ def test_edit_json(folder, capsys, tmp_path):
             "--model",
             folder,
             "--device",
-            "cpu",
+            TEST_DEVICE,
             "--prompt",
             "{} is located in",
             "--subject",
@@ -156,7 +156,7 @@ def test_refused_edit_exits_3(folder, capsys):
 
 
 def test_ledger_commands(folder, ledger, redis_url, capsys, tmp_path):
-    handle = load_model(folder, device="cpu")
+    handle = load_model(folder, device=TEST_DEVICE)
     replica = Replica(handle, ledger).start()
     for seed in range(2):
         replica.add_edits([random_delta(handle, seed)], [[{"seed": seed}]], replica.version)
@@ -167,14 +167,14 @@ def test_ledger_commands(folder, ledger, redis_url, capsys, tmp_path):
     assert main(["ledger", "show", "2", *store]) == 0
     assert '{"seed": 1}' in capsys.readouterr().out
 
-    model = ["--model", folder, "--device", "cpu"]
+    model = ["--model", folder, "--device", TEST_DEVICE]
     assert main(["ledger", "rollback", "--to", "1", *store, *model, "--json"]) == 0
     rolled = json.loads(capsys.readouterr().out)
     assert rolled["number"] == 3 and rolled["actor"] == "cli"
     assert ledger.head() == 3
     v1 = ledger.get(1).hashes
     assert {p: rolled["hashes"][p] for p in v1} == v1
-    base = load_model(folder, device="cpu")  # a module touched only by edit 2 is back at base
+    base = load_model(folder, device=TEST_DEVICE)  # a module touched only by edit 2 is back at base
     for p in set(rolled["hashes"]) - set(v1):
         assert rolled["hashes"][p] == tensor_sha256(base.module(p).weight)
 

@@ -24,7 +24,7 @@ from factpatch.editing.memit import _g, _g_inverse, _post_norm, _Rows, _trace
 from factpatch.editing.prompts import continuation_logprobs
 from factpatch.editing.templates import context_templates
 from factpatch.models import weights_hash
-from tests.conftest import DATA, build_tiny
+from tests.conftest import DATA, TEST_DEVICE, build_tiny
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
@@ -340,7 +340,7 @@ def test_sequential_evaluation_runs_resumes_and_restores(
 def test_cli_sequential_eval_json(model_folder, capsys, tmp_path):
     from factpatch.cli import main
 
-    args = ["eval", "counterfact", "--model", model_folder, "--device", "cpu"]
+    args = ["eval", "counterfact", "--model", model_folder, "--device", TEST_DEVICE]
     args += ["--data", str(DATA / "counterfact_val_sample.json"), "--json", "--quiet"]
     args += ["--method", "memit", "--sequential", "2", "--batch", "1"]
     for setting in ("layers=[0]", "cov_tokens=2000", "steps=2", "templates=[[4,2]]"):

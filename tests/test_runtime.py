@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -13,7 +14,7 @@ from factpatch.ledger import Ledger, LedgerMismatchError
 from factpatch.models import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime import Replica, RWLock, Sampling, generate, score, stream
 from factpatch.runtime.generate import MAX_RESTARTS
-from tests.conftest import random_delta
+from tests.conftest import build_tiny, random_delta
 
 SUBJECTS = ["The Eiffel Tower", "The Colosseum", "Big Ben", "The Louvre", "Times Square"]
 TARGETS = ["Rome", "Paris", "Tokyo", "Berlin", "Madrid"]
@@ -64,6 +65,26 @@ def test_rollback_and_revert_restore_weights_bit_for_bit(tiny_llama, tiny_hparam
     with pytest.raises(ValueError, match=r"edit_id: .* not active"):
         replica.revert(edits[2])
     assert ledger.head() == 8
+
+
+def test_bfloat16_edits_take_effect_and_roll_back_bit_for_bit(tokenizer, tiny_hparams, ledger):
+    """bfloat16 is the default on CUDA: the update is computed in float32 from the bfloat16
+    weights and rounded once when applied; rolling back restores the base weights bit for bit,
+    and a second replica reaches the same bytes."""
+    handle = build_tiny("llama", tokenizer, dtype=torch.bfloat16)
+    other = twin(handle)
+    replica = Replica(handle, ledger).start()
+    prompt = "The Eiffel Tower is located in the city of"
+    p_before = math.exp(score(replica, prompt, " Rome").logprob)
+    seen = rome_edits(replica, tiny_hparams, 2)
+    assert handle.model.dtype == torch.bfloat16 and len(set(seen.values())) == 3
+    assert math.exp(score(replica, prompt, " Rome").logprob) > 1.3 * p_before
+    follower = Replica(other, ledger).start()
+    assert weights_hash(other.model) == seen[2]
+    replica.rollback(0)
+    assert weights_hash(handle.model) == seen[0]
+    follower.catch_up()
+    assert weights_hash(other.model) == seen[0]
 
 
 def test_a_new_replica_catches_up_to_identical_weights(tiny_llama, tiny_hparams, ledger):
@@ -206,7 +227,8 @@ def test_score_is_the_sum_of_token_logprobs(tiny_llama, ledger):
     ids = tiny_llama.tokenizer("The Eiffel Tower is located in Paris")["input_ids"]
     n = len(tiny_llama.tokenizer("The Eiffel Tower is located in")["input_ids"])
     with torch.no_grad():
-        logits = tiny_llama.model(input_ids=torch.tensor([ids])).logits[0].float()
+        inputs = torch.tensor([ids], device=tiny_llama.device)
+        logits = tiny_llama.model(input_ids=inputs).logits[0].float()
     manual = sum(float(torch.log_softmax(logits[i - 1], -1)[ids[i]]) for i in range(n, len(ids)))
     assert s.logprob == pytest.approx(manual, abs=1e-5) and s.version == 0
     assert "".join(s.tokens) == " Paris"

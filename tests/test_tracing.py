@@ -39,7 +39,7 @@ from factpatch.tracing.dataset import (
 from factpatch.tracing.noise import NOISE_FACTOR, subject_embedding_std
 from factpatch.tracing.reference import trace_reference
 from factpatch.tracing.subjects import KNOWN_SUBJECTS
-from tests.conftest import DATA, build_tiny
+from tests.conftest import DATA, TEST_DEVICE, build_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -166,7 +166,7 @@ def test_kinds_traced_together_equal_kinds_traced_alone(tiny_llama):
 
 def test_answer_greedy_or_given(tiny_llama):
     handle = tiny_llama
-    ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]])
+    ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]], device=handle.device)
     with torch.no_grad():
         probs = torch.softmax(handle.model(input_ids=ids).logits[0, -1], -1)
     greedy = trace(handle, PROMPT, SUBJECT, **FAST)
@@ -232,7 +232,8 @@ def test_noise_level_is_measured_once_and_cached(tiny_llama, tokenizer):
 def test_no_weight_written_no_hook_left_other_threads_untouched(tiny_llama):
     handle = tiny_llama
     before = weights_hash(handle.model)
-    ids = torch.tensor([handle.tokenizer("Rome is the capital of Italy")["input_ids"]])
+    ids = handle.tokenizer("Rome is the capital of Italy", return_tensors="pt").input_ids
+    ids = ids.to(handle.device)
     with torch.no_grad():
         expected = handle.model(input_ids=ids).logits
     seen: list[bool] = []
@@ -310,7 +311,7 @@ def test_known_facts_sample_and_knowledge_filter(tiny_llama):
     # the model "knows" what it greedily says after a space, and not something else
     handle, said = tiny_llama, {}
     for fact in facts:
-        ids = torch.tensor([handle.tokenizer(fact.prompt)["input_ids"]])
+        ids = torch.tensor([handle.tokenizer(fact.prompt)["input_ids"]], device=handle.device)
         with torch.no_grad():
             greedy = handle.model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
         word = handle.tokenizer.decode(greedy[0, -1:])
@@ -343,7 +344,7 @@ def folder(tiny_llama, tmp_path):
 
 def test_cli_writes_a_heatmap_and_json(folder, tmp_path, capsys):
     png = tmp_path / "trace.png"
-    args = ["trace", "--model", folder, "--device", "cpu", "--prompt", PROMPT]
+    args = ["trace", "--model", folder, "--device", TEST_DEVICE, "--prompt", PROMPT]
     args += ["--subject", SUBJECT, "--samples", "2", "--window", "3", "--out", str(png)]
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -356,7 +357,7 @@ def test_cli_writes_a_heatmap_and_json(folder, tmp_path, capsys):
 
 def test_cli_dataset_and_errors(folder, tmp_path, capsys):
     out = tmp_path / "avg"
-    args = ["trace", "--model", folder, "--device", "cpu", "--samples", "2", "--quiet"]
+    args = ["trace", "--model", folder, "--device", TEST_DEVICE, "--samples", "2", "--quiet"]
     code = main([*args, "--dataset", str(DATA / "known_sample.json"), "--n", "2",
                  "--include-unknown", "--kind", "mlp", "--out", str(out)])  # fmt: skip
     assert code == 0

@@ -24,7 +24,7 @@ def main(data: str, folder: str) -> None:
     report = json.loads((Path(folder) / "progress.json").read_text())
     deltas = checkpoint_deltas(folder)
     records = load_records(data, report["n_edits_planned"])
-    handle = load_model("gemma-3-270m", device="cpu", dtype="float32")
+    handle = load_model("gemma-3-270m", dtype="float32")  # the runs were float32
     size = report["batch"]
     base = base_weights(handle, [handle.adapter.rewrite_path(j) for j in report["layers"]])
     last = len(deltas)

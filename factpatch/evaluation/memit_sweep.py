@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from factpatch.cli import model_args
 from factpatch.editing import (
     apply_delta,
     base_weights,
@@ -59,7 +60,7 @@ def _points(grid: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m")
+    model_args(parser)  # --model, --device, --dtype
     parser.add_argument("--data", required=True)
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--n", type=int, default=20)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="append one JSON line per grid point")
     args = parser.parse_args(argv)
 
-    handle = load_model(args.model, device="cpu")
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
     records = load_records(args.data)[args.offset : args.offset + args.n]
     requests = [request_for(r) for r in records]
     points = [("memit", p) for p in _points(args.grid)]

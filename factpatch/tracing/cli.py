@@ -17,7 +17,7 @@ from factpatch.tracing.core import KINDS, TraceResult, trace_kinds
 
 def add_trace_parser(subparsers: Any) -> None:
     """Register ``trace`` on the ``factpatch`` sub-command parsers."""
-    from factpatch.cli import _model_args
+    from factpatch.cli import model_args
 
     trace = subparsers.add_parser(
         "trace",
@@ -25,7 +25,7 @@ def add_trace_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_args(trace)
+    model_args(trace)
     trace.add_argument("--prompt", help="text containing the subject, or a template with {}")
     trace.add_argument("--subject", help="the subject, as it appears in the prompt")
     trace.add_argument("--answer", help="expected answer (default: the greedy next token)")
