@@ -27,6 +27,7 @@ import threading
 import time
 
 import torch
+from timing import ms
 
 from factpatch.editing import Delta, default_hparams
 from factpatch.ledger import Ledger
@@ -35,11 +36,6 @@ from factpatch.runtime import Replica, Sampling, generate
 from factpatch.store import EmbeddedRedis
 
 PROMPT = "The history of the city of Paris begins"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def random_delta(replica: Replica, layer: int, seed: int) -> Delta:
@@ -77,17 +73,20 @@ def measure_pauses(
         w.join()
     waits = [w for _, w, _ in replica.applies]
     holds = [h for _, _, h in replica.applies]
-    ms = lambda xs, q: round(1e3 * percentile(xs, q), 3)  # noqa: E731
     return {
         "applies": n_applies,
         "generating_threads": threads,
         "seconds_between_applies": interval,
         "tokens_generated_meanwhile": tokens[0],
-        "critical_section_ms": {"p50": ms(holds, 50), "p99": ms(holds, 99), "max": ms(holds, 100)},
-        "wait_for_running_steps_ms": {"p50": ms(waits, 50), "p99": ms(waits, 99)},
+        "critical_section_ms": {
+            "p50": ms(holds, 50, 3),
+            "p99": ms(holds, 99, 3),
+            "max": ms(holds, 100, 3),
+        },
+        "wait_for_running_steps_ms": {"p50": ms(waits, 50, 3), "p99": ms(waits, 99, 3)},
         "held_back_worst_case_ms": {
-            "p50": ms([w + h for w, h in zip(waits, holds, strict=True)], 50),
-            "p99": ms([w + h for w, h in zip(waits, holds, strict=True)], 99),
+            "p50": ms([w + h for w, h in zip(waits, holds, strict=True)], 50, 3),
+            "p99": ms([w + h for w, h in zip(waits, holds, strict=True)], 99, 3),
         },
     }
 

@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 
 import grpc
 import torch
+from timing import ms
 
 from factpatch.cli import model_args
 from factpatch.client import Client
@@ -35,11 +36,6 @@ from factpatch.worker import Worker
 
 SUBJECTS = ["The Eiffel Tower", "Big Ben", "The Colosseum", "The Louvre", "Times Square"]
 CITIES = ["Rome", "Paris", "Tokyo", "Berlin", "Madrid", "Oslo", "Lisbon", "Vienna"]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(1e3 * xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))], 1) if xs else 0.0
 
 
 def client_loop(target: str, seed: int, stop: threading.Event, out: dict) -> None:
@@ -143,7 +139,7 @@ def main() -> None:
         "seconds": round(elapsed, 1),
         "requests_per_s": {k: round(len(v) / elapsed, 2) for k, v in lat.items()},
         "latency_ms": {
-            k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in lat.items()
+            k: {"p50": ms(v, 50), "p99": ms(v, 99), "n": len(v)} for k, v in lat.items()
         },
         "errors": dict(out["errors"]),
         "edits_acknowledged": len(out["acknowledged"]),

@@ -20,6 +20,7 @@ import threading
 import time
 
 import torch
+from timing import ms
 
 from factpatch.cli import model_args
 from factpatch.client import Client, JobHandle
@@ -43,11 +44,6 @@ SUBJECTS = [
     "The Sydney Opera House",
 ]
 TARGETS = ["Rome", "Paris", "Tokyo", "Berlin", "Madrid", "Oslo", "Lisbon", "Vienna"]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(1e3 * xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))], 1)
 
 
 class Prober:
@@ -146,11 +142,11 @@ def main() -> None:
             time.sleep(3)  # the new worker catches up
             run = run_edits(fp, args.edits, offset=len(workers) * args.edits)
             during = prober.window(run.pop("t0"), run.pop("t1"))
-            run["inference_ms_during_edits"] = {"p50": pct(during, 50), "p99": pct(during, 99)}
+            run["inference_ms_during_edits"] = {"p50": ms(during, 50), "p99": ms(during, 99)}
             results[f"workers_{n_workers}"] = run
         prober.stop.set()
         prober.thread.join()
-        results["inference_ms_idle"] = {"p50": pct(idle, 50), "p99": pct(idle, 99), "n": len(idle)}
+        results["inference_ms_idle"] = {"p50": ms(idle, 50), "p99": ms(idle, 99), "n": len(idle)}
         results["score_requests"] = len(prober.samples)
         results["head"] = fp.head().number
         for w in workers:
