@@ -8,8 +8,10 @@ folder, so its context templates and covariance are computed there too, as a wor
 device would.  Printed and written: ‖Δ_gpu − Δ_cpu‖_F / ‖Δ_cpu‖_F per delta (ROME also without
 context templates: they are sampled from the model, so any change of its numerics can change
 the prompts the edit is optimised on), the largest
-difference of the trace's probabilities, and whether two computations on the device are
-bit-identical (the determinism the ledger's reproducibility rests on).
+difference of the trace's probabilities, whether two computations on the device are
+bit-identical (the determinism the ledger's reproducibility rests on), and whether the device
+materialises the same deltas into the same bytes as the CPU (a CPU and a GPU replica verify the
+same ledger hashes).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from factpatch.editing import (
     EditRequest,
     MemitHParams,
     RomeHParams,
+    base_weights,
     compute_edit,
     compute_memit,
+    materialize,
 )
-from factpatch.models import ModelHandle, wrap_model
+from factpatch.models import ModelHandle, tensor_sha256, wrap_model
 from factpatch.tracing import trace
 from tests.conftest import build_tiny, make_tokenizer
 
@@ -76,6 +80,13 @@ def identical(a: Delta, b: Delta) -> bool:
     )
 
 
+def materialized(handle: ModelHandle, deltas: list[Delta]) -> dict[str, str]:
+    """Hashes of base + Σ deltas as a replica on ``handle``'s device would load them."""
+    paths = sorted({p for d in deltas for p in d.factors})
+    weights = materialize(handle, base_weights(handle, paths), deltas)
+    return {p: tensor_sha256(w) for p, w in weights.items()}
+
+
 def computations(handle: ModelHandle) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["FACTPATCH_CACHE_DIR"] = cache
@@ -101,7 +112,13 @@ def main() -> None:
         cpu = build_tiny(family, tokenizer)
         reference = computations(cpu)
         for dtype in (torch.float32, torch.bfloat16):
-            other = computations(moved(cpu, args.device, dtype))
+            there = moved(cpu, args.device, dtype)
+            other = computations(there)
+            # The ledger's hashes: CPU and device replicas must load the same bytes.
+            ledgered = [reference["rome"], reference["memit"]]
+            same_bytes = materialized(there, ledgered) == materialized(
+                moved(cpu, "cpu", dtype), ledgered
+            )
             row = {
                 "family": family,
                 "dtype": str(dtype).removeprefix("torch."),
@@ -109,6 +126,7 @@ def main() -> None:
                 "memit_rel_diff": relative(other["memit"], reference["memit"]),
                 "rome_rel_diff_no_templates": relative(other["rome_bare"], reference["rome_bare"]),
                 "rome_repeat_bit_identical": identical(other["rome"], other["rome_again"]),
+                "materialized_bytes_equal_cpu": same_bytes,
                 "trace_max_abs_diff": float(
                     (other["trace"].matrix.float().cpu() - reference["trace"].matrix).abs().max()
                 ),
