@@ -28,9 +28,6 @@ import torch
 
 from factpatch.editing import (
     Delta,
-    EditRequest,
-    MemitHParams,
-    RomeHParams,
     base_weights,
     compute_edit,
     compute_memit,
@@ -38,22 +35,9 @@ from factpatch.editing import (
 )
 from factpatch.models import ModelHandle, tensor_sha256, wrap_model
 from factpatch.tracing import trace
-from tests.conftest import build_tiny, make_tokenizer
-
-REQUESTS = [
-    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
-    EditRequest("{} is the capital of", "Rome", "Germany"),
-    EditRequest("{} was born in", "Danielle Darrieux", "Paris"),
-]
-# The tests' settings for tiny random models (tests/conftest.py, tests/test_memit.py).
-ROME = RomeHParams(
-    layer=1, steps=12, lr=1.0, weight_decay=0.0, clamp_norm_factor=20.0,
-    templates=((5, 3),), cov_tokens=3000, max_update_ratio=100.0,
-)  # fmt: skip
-MEMIT = MemitHParams(
-    layers=(0, 1), steps=12, lr=1.0, weight_decay=0.0, clamp_norm_factor=20.0,
-    templates=((5, 3),), cov_tokens=3000, mom2_update_weight=1.0, max_update_ratio=100.0,
-)  # fmt: skip
+from tests.conftest import REQUESTS, build_tiny, make_tokenizer
+from tests.conftest import TINY_MEMIT as MEMIT
+from tests.conftest import TINY_ROME as ROME
 
 
 def moved(handle: ModelHandle, device: str, dtype: torch.dtype) -> ModelHandle:

@@ -24,7 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from factpatch.editing import Delta, EditRequest, RomeHParams
+from factpatch.editing import Delta, EditRequest, MemitHParams, RomeHParams
 from factpatch.ledger import Ledger
 from factpatch.models import ModelHandle, wrap_model
 from factpatch.store import EmbeddedRedis, connect
@@ -150,21 +150,47 @@ def tiny_llama(tokenizer) -> ModelHandle:
     return build_tiny("llama", tokenizer)
 
 
+# Small but complete settings: the covariance from 3,000 real Wikipedia tokens.  A random model's
+# MLP outputs are tiny, so the reference weight decay (∝ 1/‖v_init‖²) would pin δ at zero; it is
+# off here, and the clamp is wide.  MEMIT's λ is small because the tiny covariance is small next
+# to K Kᵀ.  (Also read by bench/device_check.py.)
+TINY_ROME = RomeHParams(
+    layer=1,
+    steps=12,
+    lr=1.0,
+    weight_decay=0.0,
+    clamp_norm_factor=20.0,
+    templates=((5, 3),),
+    cov_tokens=3000,
+    max_update_ratio=100.0,
+)
+TINY_MEMIT = MemitHParams(
+    layers=(0, 1),
+    steps=12,
+    lr=1.0,
+    weight_decay=0.0,
+    clamp_norm_factor=20.0,
+    templates=((5, 3),),
+    cov_tokens=3000,
+    mom2_update_weight=1.0,
+    nullspace_l2=1e-3,
+    max_update_ratio=100.0,
+)
+REQUESTS = [
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    EditRequest("{} is the capital of", "Rome", "Germany"),
+    EditRequest("{} was born in", "Danielle Darrieux", "Paris"),
+]
+
+
 @pytest.fixture
 def tiny_hparams() -> RomeHParams:
-    """Small but complete settings: the covariance from 3,000 real Wikipedia tokens.  A random
-    model's MLP outputs are tiny, so the reference weight decay (∝ 1/‖v_init‖²) would pin δ at
-    zero; it is off here, and the clamp is wide."""
-    return RomeHParams(
-        layer=1,
-        steps=12,
-        lr=1.0,
-        weight_decay=0.0,
-        clamp_norm_factor=20.0,
-        templates=((5, 3),),
-        cov_tokens=3000,
-        max_update_ratio=100.0,
-    )
+    return TINY_ROME
+
+
+@pytest.fixture
+def memit_hparams() -> MemitHParams:
+    return TINY_MEMIT
 
 
 @pytest.fixture

@@ -24,31 +24,7 @@ from factpatch.editing.memit import _g, _g_inverse, _post_norm, _Rows, _trace
 from factpatch.editing.prompts import continuation_logprobs
 from factpatch.editing.templates import context_templates
 from factpatch.models import weights_hash
-from tests.conftest import DATA, TEST_DEVICE, build_tiny
-
-REQUESTS = [
-    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
-    EditRequest("{} is the capital of", "Rome", "Germany"),
-    EditRequest("{} was born in", "Danielle Darrieux", "Paris"),
-]
-
-
-@pytest.fixture
-def memit_hparams() -> MemitHParams:
-    """As ``tiny_hparams``: weight decay off and a wide clamp (a random model's MLP outputs are
-    tiny); λ small because the tiny covariance is small next to K Kᵀ."""
-    return MemitHParams(
-        layers=(0, 1),
-        steps=12,
-        lr=1.0,
-        weight_decay=0.0,
-        clamp_norm_factor=20.0,
-        templates=((5, 3),),
-        cov_tokens=3000,
-        mom2_update_weight=1.0,
-        nullspace_l2=1e-3,
-        max_update_ratio=100.0,
-    )
+from tests.conftest import DATA, REQUESTS, TEST_DEVICE, build_tiny
 
 
 def p_target(handle, request: EditRequest) -> float:

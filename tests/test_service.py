@@ -35,7 +35,7 @@ TINY_HPARAMS = {
     "templates": [[5, 3]],
     "cov_tokens": 3000,
     "max_update_ratio": 100.0,
-    "memit": {  # as tests/test_memit.py's memit_hparams, one layer
+    "memit": {  # as tests/conftest.py's TINY_MEMIT, one layer
         "layers": [1],
         "steps": 12,
         "lr": 1.0,
