@@ -39,16 +39,23 @@ def _hparam_args(parser: argparse.ArgumentParser) -> None:
 def _hparams(handle: ModelHandle, args: argparse.Namespace):
     from factpatch.editing import default_hparams
 
-    overrides: dict[str, Any] = {}
+    overrides = set_overrides(args.set)
     if args.layer is not None:
         overrides["layer"] = args.layer
-    for item in args.set:
+    return default_hparams(handle, **overrides)
+
+
+def set_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items: VALUE as JSON (numbers, lists, true), else the plain string
+    (``--set z_metric=fisher``)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
         key, _, value = item.partition("=")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    return default_hparams(handle, **overrides)
+    return overrides
 
 
 def _load(args: argparse.Namespace) -> ModelHandle:
@@ -178,8 +185,7 @@ def _cmd_eval_sequential(args: argparse.Namespace) -> int:
     else:
         if args.layer is not None:
             raise ValueError("--layer: MEMIT/AlphaEdit take --set layers=[...]")
-        overrides = {k: json.loads(v) for k, _, v in (i.partition("=") for i in args.set)}
-        hp = default_memit_hparams(handle, **overrides)
+        hp = default_memit_hparams(handle, **set_overrides(args.set))
     records = load_records(args.data, args.sequential)
     report = evaluate_sequential(
         handle,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from factpatch.cli import main
+from factpatch.cli import main, set_overrides
 from factpatch.ledger import Ledger
 from factpatch.models import load_model, tensor_sha256
 from factpatch.runtime import Replica
@@ -115,6 +115,7 @@ def test_eval_counterfact_json(folder, capsys):
         (["--subject", "Big Ben"], "subject:"),
         (["--target", " "], "target:"),
         (["--set", "bogus=1"], "unknown hyperparameters"),
+        (["--set", "z_metric=fisherr"], "z_metric"),
         (["--layer", "40"], "layer:"),
     ],
 )
@@ -134,6 +135,17 @@ def test_bad_input_exits_2_and_names_the_field(folder, capsys, argv, message):
         flat += ["--set", extra["--set"]]
     assert main(["edit", *flat, *FAST]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_set_values_are_json_or_plain_strings():
+    items = ["lr=0.3", "layers=[4, 5]", "z_metric=fisher", 'key_mode="original"', "x=a=b"]
+    assert set_overrides(items) == {
+        "lr": 0.3,
+        "layers": [4, 5],
+        "z_metric": "fisher",
+        "key_mode": "original",
+        "x": "a=b",
+    }
 
 
 def test_refused_edit_exits_3(folder, capsys):
