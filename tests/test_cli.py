@@ -115,7 +115,7 @@ def test_eval_counterfact_json(folder, capsys):
         (["--subject", "Big Ben"], "subject:"),
         (["--target", " "], "target:"),
         (["--set", "bogus=1"], "unknown hyperparameters"),
-        (["--set", "z_metric=fisherr"], "z_metric"),
+        (["--set", "key_mode=sideways"], "key_mode"),
         (["--layer", "40"], "layer:"),
     ],
 )
@@ -138,12 +138,12 @@ def test_bad_input_exits_2_and_names_the_field(folder, capsys, argv, message):
 
 
 def test_set_values_are_json_or_plain_strings():
-    items = ["lr=0.3", "layers=[4, 5]", "z_metric=fisher", 'key_mode="original"', "x=a=b"]
+    items = ["lr=0.3", "layers=[4, 5]", "key_mode=original", 'corpus="a b"', "x=a=b"]
     assert set_overrides(items) == {
         "lr": 0.3,
         "layers": [4, 5],
-        "z_metric": "fisher",
         "key_mode": "original",
+        "corpus": "a b",
         "x": "a=b",
     }
 

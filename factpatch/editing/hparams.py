@@ -26,13 +26,12 @@ class RomeHParams:
     key_mode: str = "averaged"  # "averaged" (r-ROME, Gupta et al. 2024) or "original"
     max_update_ratio: float = 0.5  # guard: ‖ΔW‖_F / ‖W‖_F above this is refused
     min_denominator_ratio: float = 0.1  # guard: (C⁻¹k̄)ᵀk_den / (C⁻¹k̄)ᵀk̄ below this is refused
-    z_metric: str = "euclidean"  # the target optimiser's geometry, see Z_METRICS
-    fisher_tokens: int = 16_384  # text tokens for the output Fisher G (z_metric "fisher")
 
     def __post_init__(self) -> None:
         if self.key_mode not in ("averaged", "original"):
             raise ValueError("key_mode: choose 'averaged' or 'original'")
-        _check_common(self)
+        if self.steps < 0 or self.lr <= 0 or self.cov_tokens <= 0:
+            raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,20 +42,6 @@ class RomeHParams:
         if unknown:
             raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
         return replace(self, **overrides)
-
-
-Z_METRICS = {
-    "euclidean": "Adam on δ with lr, ‖δ‖ ≤ clamp·‖v‖ (the ROME/MEMIT reference)",
-    "fisher": "steepest descent in the text's output Fisher G (factpatch/editing/fisher.py): "
-    "Polyak steps along G⁻¹∇ of at most lr·clamp·‖v‖_G, ‖δ‖_G ≤ clamp·‖v‖_G",
-}
-
-
-def _check_common(hp: RomeHParams | MemitHParams) -> None:
-    if hp.steps < 0 or hp.lr <= 0 or hp.cov_tokens <= 0 or hp.fisher_tokens <= 0:
-        raise ValueError("steps must be >= 0; lr, cov_tokens and fisher_tokens must be positive")
-    if hp.z_metric not in Z_METRICS:
-        raise ValueError(f"z_metric: choose one of {sorted(Z_METRICS)}")
 
 
 def recorded_settings(kind: type, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -115,14 +100,13 @@ class MemitHParams:
     nullspace_l2: float = 10.0  # AlphaEdit: α
     prior_weight: float = 0.0  # MEMIT: μ, the earlier edits' weight in λC + μK_pK_pᵀ + KKᵀ
     max_update_ratio: float = 0.5  # guard per layer: ‖ΔW_l‖_F / (‖W_l‖_F·√B) above it is refused
-    z_metric: str = "euclidean"  # the target optimiser's geometry, see Z_METRICS
-    fisher_tokens: int = 16_384  # text tokens for the output Fisher G (z_metric "fisher")
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
         if not layers or list(layers) != sorted(set(layers)):
             raise ValueError("layers: a non-empty, strictly increasing list of layer indices")
-        _check_common(self)
+        if self.steps < 0 or self.lr <= 0 or self.cov_tokens <= 0:
+            raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
         if min(self.mom2_update_weight, self.nullspace_threshold, self.prior_weight) < 0:
             raise ValueError("mom2_update_weight, nullspace_threshold, prior_weight must be >= 0")
         if self.nullspace_l2 <= 0:
@@ -151,8 +135,6 @@ class MemitHParams:
             templates=self.templates,
             template_seed=self.template_seed,
             cov_tokens=self.cov_tokens,
-            z_metric=self.z_metric,
-            fisher_tokens=self.fisher_tokens,
         )
 
 

@@ -73,7 +73,7 @@ from factpatch.editing.delta import Delta
 from factpatch.editing.hparams import MemitHParams, default_memit_hparams
 from factpatch.editing.prompts import encode, pad_batch
 from factpatch.editing.requests import EditRequest
-from factpatch.editing.rome import DegenerateEditError, _optimise, z_metric
+from factpatch.editing.rome import DegenerateEditError, _optimise
 from factpatch.editing.templates import context_templates
 from factpatch.models.hooks import StopForward, block_output, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle
@@ -206,15 +206,14 @@ def _compute(
     templates = context_templates(handle, [tuple(t) for t in hp.templates], hp.template_seed)
     covs = _covariances(handle, layers, hp.cov_tokens, corpus)
     projectors = {j: _nullspace(handle, j, covs[j], hp, corpus) for j in layers} if alpha else {}
-    z_hp = hp.z_hparams()
-    metric = z_metric(handle, z_hp, corpus)  # the text's output Fisher, if z_metric asks for it
     seconds["setup"] = time.perf_counter() - t0
 
     # 1. Targets: δᵢ at the last layer's rewrite output (ROME's optimisation, one per request).
     t0 = time.perf_counter()
+    z_hp = hp.z_hparams()
     deltas, z_stats = [], []
     for request in requests:
-        _, _, delta, stats = _optimise(handle, request, z_hp, templates, None, metric)
+        _, _, delta, stats = _optimise(handle, request, z_hp, templates, None)
         deltas.append(delta)
         z_stats.append(stats.__dict__)
     seconds["optimise"] = time.perf_counter() - t0

@@ -36,7 +36,6 @@ rank-one terms ΔW·k to W's output in the hook.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,6 @@ import torch.nn.functional as F
 
 from factpatch.editing.covariance import covariance_solver
 from factpatch.editing.delta import Delta
-from factpatch.editing.fisher import OutputMetric, output_metric
 from factpatch.editing.hparams import RomeHParams, default_hparams
 from factpatch.editing.prompts import encode, pad_batch
 from factpatch.editing.requests import EditRequest
@@ -96,7 +94,6 @@ def compute_edit(
     t0 = time.perf_counter()
     templates = context_templates(handle, [tuple(t) for t in hp.templates], hp.template_seed)
     solver = covariance_solver(handle, hp.layer, hp.cov_tokens, corpus)
-    metric = z_metric(handle, hp, corpus)
     setup_seconds = time.perf_counter() - t0
 
     lefts: list[torch.Tensor] = []  # each [out]
@@ -107,7 +104,7 @@ def compute_edit(
         prior = (
             (torch.stack(lefts, 1), torch.stack(rights, 1)) if lefts else None
         )  # earlier edits of this call, applied on the fly
-        key, bare_key, delta, stats = _optimise(handle, request, hp, templates, prior, metric)
+        key, bare_key, delta, stats = _optimise(handle, request, hp, templates, prior)
 
         t0 = time.perf_counter()
         u = solver.solve(key)  # C⁻¹k̄, float64 [in]
@@ -209,10 +206,8 @@ def _optimise(
     hp: RomeHParams,
     templates: list[str],
     prior: tuple[torch.Tensor, torch.Tensor] | None,
-    metric: OutputMetric | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EditStats]:
-    """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32.  ``metric``:
-    the text's output Fisher, which ``hp.z_metric == "fisher"`` needs (:func:`z_metric`)."""
+    """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32."""
     stats = EditStats()
     t0 = time.perf_counter()
     batch = _build_batch(handle, request, templates)
@@ -241,7 +236,8 @@ def _optimise(
     at_subject = torch.zeros((*batch.ids.shape, 1), dtype=dtype, device=batch.ids.device)
     at_subject[rows, batch.subject_pos] = 1.0
     delta = torch.zeros_like(v_init, requires_grad=True)
-    step_towards = _stepper(delta, hp, v_init, metric)
+    optimiser = torch.optim.Adam([delta], lr=hp.lr)
+    max_norm = hp.clamp_norm_factor * v_init.norm()
 
     def add_delta(_module, _args, output):
         out = output + at_subject * delta.to(dtype)
@@ -272,61 +268,16 @@ def _optimise(
             if step == hp.steps or stats.nll_end < hp.early_stop_nll:
                 break
             (grad,) = torch.autograd.grad(loss, [delta])
-            step_towards(grad, stats.nll_end)
-    stats.steps = step
-    stats.delta_norm = float(delta.detach().norm())
-    stats.seconds["optimise"] = time.perf_counter() - t0
-    return key.detach(), bare_key.detach(), delta.detach(), stats
-
-
-def z_metric(handle: ModelHandle, hp: RomeHParams, corpus: str | None) -> OutputMetric | None:
-    """What :func:`_optimise` needs for ``hp.z_metric`` at ``hp.layer`` (None: Euclidean)."""
-    if hp.z_metric == "euclidean":
-        return None
-    return output_metric(handle, hp.layer, hp.fisher_tokens, corpus)
-
-
-def _stepper(
-    delta: torch.Tensor, hp: RomeHParams, v_init: torch.Tensor, metric: OutputMetric | None
-) -> Callable[[torch.Tensor, float], None]:
-    """One optimisation step of δ (in place) from the loss's gradient and the NLL at δ.
-
-    ``euclidean`` (the reference): Adam with ``lr``, then ‖δ‖ ≤ clamp·‖v‖.  ``fisher``
-    (:mod:`factpatch.editing.fisher`): steepest descent in the metric M = G + ridge, a step of
-    M-length s along −M⁻¹∇, then ‖δ‖_M ≤ clamp·‖v‖_M.  s is Polyak's step towards an NLL of
-    early_stop_nll / 2 (the linear model's distance, (NLL − goal) / ‖∇‖_M⁻¹), at most
-    lr·clamp·‖v‖_M.  Starting from δ = 0 with short steps it follows the cheapest way (in δᵀGδ,
-    the target's share of the edit's cost on text) to the target."""
-    if hp.z_metric == "euclidean":
-        adam = torch.optim.Adam([delta], lr=hp.lr)
-        max_norm = hp.clamp_norm_factor * v_init.norm()
-
-        def adam_step(grad: torch.Tensor, _loss: float) -> None:
             delta.grad = grad
-            adam.step()
+            optimiser.step()
             with torch.no_grad():
                 norm = delta.norm()
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-
-        return adam_step
-    if metric is None:
-        raise ValueError(f"z_metric {hp.z_metric!r} needs the output metric (rome.z_metric)")
-    radius = hp.clamp_norm_factor * metric.norm(v_init.float())
-    cap = hp.lr * radius  # the longest step (M-length)
-    goal = hp.early_stop_nll / 2
-
-    @torch.no_grad()
-    def natural_step(grad: torch.Tensor, nll: float) -> None:
-        direction = metric.inverse @ grad.float()  # [out], −M⁻¹∇: steepest in M
-        slope = float(metric.norm(direction))  # ‖∇‖ in M⁻¹: loss drop per unit M-length
-        size = min(cap, max(nll - goal, 0.0) / max(slope, 1e-30))  # Polyak's step, capped
-        delta.sub_(size * direction / max(slope, 1e-30))
-        norm = metric.norm(delta)
-        if norm > radius:
-            delta.mul_(radius / norm)
-
-    return natural_step
+    stats.steps = step
+    stats.delta_norm = float(delta.detach().norm())
+    stats.seconds["optimise"] = time.perf_counter() - t0
+    return key.detach(), bare_key.detach(), delta.detach(), stats
 
 
 @torch.no_grad()

@@ -54,7 +54,6 @@ from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.hparams import recorded_settings
 from factpatch.editing.memit import compute_batch
 from factpatch.editing.prompts import continuation, pad_batch
-from factpatch.editing.rome import z_metric
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for, summarise
 from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
@@ -317,7 +316,6 @@ def evaluate_sequential(
     t0 = time.perf_counter()
     context_templates(handle, [tuple(t) for t in hparams.templates], hparams.template_seed)
     layer_covariances(handle, layers, hparams.cov_tokens, corpus)
-    z_metric(handle, hparams if isinstance(hparams, RomeHParams) else hparams.z_hparams(), corpus)
     setup_seconds = time.perf_counter() - t0
 
     progress_file = folder / "progress.json" if folder else None
