@@ -47,7 +47,7 @@ def _hparams(handle: ModelHandle, args: argparse.Namespace):
 
 def set_overrides(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` items: VALUE as JSON (numbers, lists, true), else the plain string
-    (``--set z_metric=fisher``)."""
+    (``--set key_mode=original``)."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, _, value = item.partition("=")
