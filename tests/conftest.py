@@ -153,9 +153,8 @@ def tiny_llama(tokenizer) -> ModelHandle:
 # Small but complete settings: the covariance from 3,000 real Wikipedia tokens.  A random model's
 # MLP outputs are tiny, so the reference weight decay (∝ 1/‖v_init‖²) would pin δ at zero; it is
 # off here, and the clamp is wide.  MEMIT's λ is small because the tiny covariance is small next
-# to K Kᵀ.  (Also read by bench/device_check.py.)
-TINY_ROME = RomeHParams(
-    layer=1,
+# to K Kᵀ.  (Also read by bench/device_check.py and, as JSON, by tests/test_service.py.)
+_TINY_TARGETS = dict(  # the target optimisation, shared by both methods
     steps=12,
     lr=1.0,
     weight_decay=0.0,
@@ -164,18 +163,8 @@ TINY_ROME = RomeHParams(
     cov_tokens=3000,
     max_update_ratio=100.0,
 )
-TINY_MEMIT = MemitHParams(
-    layers=(0, 1),
-    steps=12,
-    lr=1.0,
-    weight_decay=0.0,
-    clamp_norm_factor=20.0,
-    templates=((5, 3),),
-    cov_tokens=3000,
-    mom2_update_weight=1.0,
-    nullspace_l2=1e-3,
-    max_update_ratio=100.0,
-)
+TINY_ROME = RomeHParams(layer=1, **_TINY_TARGETS)
+TINY_MEMIT = MemitHParams(layers=(0, 1), mom2_update_weight=1.0, nullspace_l2=1e-3, **_TINY_TARGETS)
 REQUESTS = [
     EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
     EditRequest("{} is the capital of", "Rome", "Germany"),

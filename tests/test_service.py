@@ -25,30 +25,17 @@ from factpatch.runtime import Replica, score
 from factpatch.server import build_server
 from factpatch.store import connect
 from factpatch.worker import Worker
+from tests.conftest import TINY_MEMIT, TINY_ROME
 
-TINY_HPARAMS = {
-    "layer": 1,
-    "steps": 12,
-    "lr": 1.0,
-    "weight_decay": 0.0,
-    "clamp_norm_factor": 20.0,
-    "templates": [[5, 3]],
-    "cov_tokens": 3000,
-    "max_update_ratio": 100.0,
-    "memit": {  # as tests/conftest.py's TINY_MEMIT, one layer
-        "layers": [1],
-        "steps": 12,
-        "lr": 1.0,
-        "weight_decay": 0.0,
-        "clamp_norm_factor": 20.0,
-        "templates": [[5, 3]],
-        "cov_tokens": 3000,
-        "mom2_update_weight": 1.0,
-        "nullspace_threshold": 0.05,
-        "nullspace_l2": 1e-3,
-        "max_update_ratio": 100.0,
-    },
-}
+# conftest's tiny settings as the service reads them (JSON); MEMIT on one layer.
+TINY_HPARAMS = json.loads(
+    json.dumps(
+        {
+            **TINY_ROME.to_dict(),
+            "memit": {**TINY_MEMIT.to_dict(), "layers": [1], "nullspace_threshold": 0.05},
+        }
+    )
+)
 PROMPT = "{} is located in the city of"
 
 
