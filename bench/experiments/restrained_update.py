@@ -1,0 +1,108 @@
+"""Experiment record: restrain the largest components of a sequential run's accumulated update.
+
+PRUNE (Ma et al., ICLR 2025, arXiv 2405.16821) bounds the perturbation of an edited matrix by
+restraining the singular values of the accumulated update ΔW that exceed the largest singular
+value of the unedited W.  What the text feels, though, is ΔW in the metric of its keys: the
+text's mean squared change is tr(ΔW C ΔWᵀ) = Σᵢ sᵢ² with sᵢ the singular values of ΔW C^½,
+and on the bundled Gemma the first batch's top component alone carries 14 % of it, the top ten
+42 % (docs/evaluation.md).  This replays the recorded run (factpatch.evaluation.memit_replay,
+its own settings: the recorded weights), then measures variants of the final ΔW:
+
+- ``{"whitened_top": k, "keep": γ}``: the top k components of ΔW C^½ scaled by γ,
+  ΔW' = ΔW − (1 − γ) Σ_{i≤k} sᵢ uᵢ vᵢᵀ C^−½;
+- ``{"prune": true}``: PRUNE's restraint of ΔW's own singular values σ > σ_max(W),
+  σ ← ln σ − ln σ_max(W) + σ_max(W) (the paper's F with base e).
+
+    python bench/experiments/restrained_update.py results/seq1000/memit-layer4-lam75-prior1 \\
+        ../shared/data/counterfact/counterfact-val.json 4 \\
+        '[{}, {"whitened_top": 1, "keep": 0}, {"prune": true}]'
+
+One JSON line per grid point on stdout (``{}``: the run itself).  Results: docs/evaluation.md.
+"""
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+from factpatch.editing import base_weights, load_weights
+from factpatch.evaluation.counterfact import load_records, summarise
+from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
+from factpatch.evaluation.sequential import (
+    heldout_paragraphs,
+    measure_records,
+    perplexity,
+    run_paragraphs,
+)
+from factpatch.models.loading import load_model
+
+
+def restrain_whitened(change: torch.Tensor, cov: torch.Tensor, top: int, keep: float):
+    """ΔW with the top ``top`` components of ΔW C^½ scaled by ``keep``; also the components'
+    shares of tr(ΔW C ΔWᵀ)."""
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # float64, ascending
+    root = eigvals.clamp(min=0).sqrt()
+    inv_root = torch.where(root > root.max() * 1e-10, 1 / root, torch.zeros_like(root))
+    whitened = change @ eigvecs @ torch.diag(root)  # ΔW C^½ in C's eigenbasis: [out, in]
+    u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+    removed = (u[:, :top] * ((1 - keep) * s[:top])) @ vh[:top]  # [out, in], same basis
+    restrained = change - removed @ torch.diag(inv_root) @ eigvecs.T
+    shares = (s**2 / (s**2).sum())[:10].tolist()
+    return restrained, shares
+
+
+def prune(change: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """PRUNE's F on the singular values of ΔW above σ_max(W); how many it changed."""
+    limit = float(torch.linalg.svdvals(weight)[0])
+    u, s, vh = torch.linalg.svd(change, full_matrices=False)
+    big = s > limit
+    s = torch.where(big, torch.log(s) - math.log(limit) + limit, s)
+    return (u * s) @ vh, int(big.sum())
+
+
+def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
+    report, deltas = load_run(run)
+    deltas = deltas[:batches]
+    records = load_records(data)[: len(deltas) * report["batch"]]
+    handle = load_model("gemma-3-270m", device=None, dtype="float32")
+    layer = report["layers"][0]
+    path = handle.adapter.rewrite_path(layer)
+    held, _ = heldout_paragraphs(None, run_paragraphs(report))
+    base = base_weights(handle, [path])
+    cov = run_covariance(handle, report).double().cpu()
+    lam = report["hparams"]["mom2_update_weight"]
+    weight0 = base[path].double().cpu()
+    change = replay(handle, report, deltas, records, lam)[-1].cpu() - weight0
+    for point in grid:
+        t0 = time.perf_counter()
+        info: dict = {}
+        edited = change
+        if point.get("prune"):
+            edited, info["restrained"] = prune(change, weight0)
+        elif "whitened_top" in point:
+            edited, info["top_shares"] = restrain_whitened(
+                change, cov, point["whitened_top"], point["keep"]
+            )
+        load_weights(handle, {path: weight0 + edited})
+        measured = measure_records(handle, records)
+        line = {
+            **point,
+            **info,
+            "n_edits": len(records),
+            "wear": float(torch.trace(edited @ cov @ edited.T)),
+            "sigma_max_change": float(torch.linalg.svdvals(edited)[0]),
+            "sigma_max_weight": float(torch.linalg.svdvals(weight0)[0]),
+            "paragraphs": len(held),
+            "perplexity": perplexity(handle, held),
+            "unedited_perplexity": report["unedited_perplexity"],
+            **summarise(measured),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        load_weights(handle, base)
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
