@@ -64,10 +64,14 @@ def test_a_batch_of_edits_all_take_effect(family, factor, tokenizer, memit_hpara
 def test_rank_per_layer_is_at_most_the_batch_size(tiny, memit_hparams):
     """Every family; the batch as a whole moves toward its targets (on random tiny models the
     subjects' keys overlap, so single edits of a batch can interfere: the per-edit check above
-    runs on the Llama and Gemma 3 blocks)."""
+    runs on the Llama and Gemma 3 blocks).  The size guard is off: on a random model the solve
+    for three keys can be far larger than W (tiny GPT-J's layer 0: ‖ΔW‖/(‖W‖·√3) ≈ 970, with the
+    tokenizer and libraries of 2026-11-29), which says nothing of the rank; the guard has its
+    own test below."""
+    hparams = memit_hparams.with_overrides(max_update_ratio=1e6)
     for batch in (REQUESTS[:1], REQUESTS):
         before = sum(math.log(p_target(tiny, r)) for r in batch)
-        delta = compute_memit(tiny, batch, memit_hparams)
+        delta = compute_memit(tiny, batch, hparams)
         for path, (left, right) in delta.factors.items():
             assert left.shape[1] == right.shape[1] == len(batch)
             assert left.dtype == right.dtype == torch.float32
