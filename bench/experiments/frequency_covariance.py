@@ -8,8 +8,8 @@ builds, from the same 100k tokens as C,
 
     C_β = Σ_t w_t k_t k_tᵀ / Σ_t w_t,    w_t = n(x_t)^(−β),
 
-with n(x) the count of token x in the corpus paragraphs that neither C's tokens nor the held-back
-paragraphs limit (paragraphs 0 .. first held-back − 1, each truncated at 256 tokens, as C's are);
+with n(x) the count of token x in every corpus paragraph before the held-back ones (each
+truncated at 256 tokens, as C's are; C's own 100k tokens are among them);
 β = 0 is C, β = 1 weighs every token type alike.  C_β is scaled to C's trace (λ keeps its meaning
 on average), and the recorded MEMIT run is re-solved with it (factpatch.evaluation.memit_replay:
 the run's target values; the keys at the edited layer are exact; the run's prior weight μ).
