@@ -31,7 +31,7 @@ import torch
 
 from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
-from factpatch.editing.prompts import pad_batch
+from factpatch.editing.covariance import read_text
 from factpatch.evaluation.counterfact import load_records, summarise
 from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
@@ -40,7 +40,7 @@ from factpatch.evaluation.sequential import (
     perplexity,
     run_paragraphs,
 )
-from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
+from factpatch.models.hooks import StopForward, thread_hooks
 from factpatch.models.loading import load_model
 
 MAX_LEN = 256  # as C's
@@ -61,7 +61,7 @@ def token_counts(handle, first_heldout: int) -> Counter:
 def weighted_covariances(handle, layer: int, n_tokens: int, counts: Counter, betas: list[float]):
     """{β: C_β} (float64 [in, in], trace-scaled to C = C_0) over the corpus's first ``n_tokens``
     tokens, read exactly as factpatch.editing.covariance reads them."""
-    module, tok = handle.rewrite_module(layer), handle.tokenizer
+    module = handle.rewrite_module(layer)
     seen = {}
 
     def hook(_m, args, kwargs):
@@ -71,20 +71,13 @@ def weighted_covariances(handle, layer: int, n_tokens: int, counts: Counter, bet
     d = handle.rewrite_weight(layer).shape[1]
     sums = {b: torch.zeros(d, d, dtype=torch.float64) for b in betas}
     totals = dict.fromkeys(betas, 0.0)
-    lookup = torch.zeros(len(tok), dtype=torch.float64)
+    lookup = torch.zeros(len(handle.tokenizer), dtype=torch.float64)
     for token, n in counts.items():
         lookup[token] = n
     lookup = lookup.clamp(min=1)  # a type absent from the counting paragraphs counts once
-    texts, count = load_corpus(None).texts, 0
+    count = 0
     with thread_hooks(pre=[(module, hook)]):
-        for first in range(0, len(texts), 8):
-            rows = tok(list(texts[first : first + 8]), truncation=True, max_length=MAX_LEN)
-            rows = rows["input_ids"]
-            ids = pad_batch(rows, tok.pad_token_id, handle.device)
-            lengths = torch.tensor([len(r) for r in rows], device=handle.device)
-            mask = torch.arange(ids.shape[1], device=handle.device)[None] < lengths[:, None]
-            run_until_stop(handle.model, input_ids=ids, use_cache=False)
-            take = min(int(mask.sum()), n_tokens - count)
+        for ids, mask, take in read_text(handle, load_corpus(None).texts, n_tokens, MAX_LEN):
             keys = seen["k"][mask][:take].double().cpu()  # [n, in]
             freq = lookup[ids[mask][:take].cpu()]  # [n]
             for b in betas:
@@ -92,8 +85,6 @@ def weighted_covariances(handle, layer: int, n_tokens: int, counts: Counter, bet
                 sums[b].addmm_(keys.T, keys * w[:, None])
                 totals[b] += float(w.sum())
             count += take
-            if count >= n_tokens:
-                break
     covs = {b: sums[b] / totals[b] for b in betas}
     plain = sums[0.0] / count if 0.0 in sums else None
     if plain is not None:

@@ -25,11 +25,11 @@ import torch
 
 from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
-from factpatch.editing.prompts import pad_batch
+from factpatch.editing.covariance import read_text
 from factpatch.evaluation.counterfact import load_records, summarise
 from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
 from factpatch.evaluation.sequential import heldout_paragraphs, measure_records, perplexity
-from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
+from factpatch.models.hooks import StopForward, thread_hooks
 from factpatch.models.loading import load_model
 
 PARAGRAPHS = 256
@@ -40,7 +40,7 @@ def weighted_covariance(handle, layer: int, n_tokens: int, max_len: int = 256):
     """(C, C_w, quantiles of rms(y)) over the corpus's first ``n_tokens`` tokens, float64."""
     norm = handle.module(f"{handle.adapter.blocks}.{layer}.post_feedforward_layernorm")
     eps = norm.eps
-    module, tok = handle.rewrite_module(layer), handle.tokenizer
+    module = handle.rewrite_module(layer)
     seen = {}
 
     def hook(_m, args, out):
@@ -51,24 +51,14 @@ def weighted_covariance(handle, layer: int, n_tokens: int, max_len: int = 256):
     plain = torch.zeros(d, d, dtype=torch.float64)
     weighted = torch.zeros(d, d, dtype=torch.float64)
     rms_all, count = [], 0
-    texts = load_corpus(None).texts
     with thread_hooks(forward=[(module, hook)]):
-        for first in range(0, len(texts), 8):
-            rows = tok(list(texts[first : first + 8]), truncation=True, max_length=max_len)
-            rows = rows["input_ids"]
-            ids = pad_batch(rows, tok.pad_token_id, handle.device)
-            lengths = torch.tensor([len(r) for r in rows], device=handle.device)
-            mask = torch.arange(ids.shape[1], device=handle.device)[None] < lengths[:, None]
-            run_until_stop(handle.model, input_ids=ids, use_cache=False)
-            take = min(int(mask.sum()), n_tokens - count)
+        for _ids, mask, take in read_text(handle, load_corpus(None).texts, n_tokens, max_len):
             keys = seen["k"][mask][:take].double().cpu()  # [n, d]
             rms2 = (seen["y"][mask][:take].double().pow(2).mean(-1) + eps).cpu()  # [n]
             plain.addmm_(keys.T, keys)
             weighted.addmm_(keys.T, keys / rms2[:, None])
             rms_all.append(rms2.sqrt())
             count += take
-            if count >= n_tokens:
-                break
     rms = torch.cat(rms_all)
     q = torch.quantile(rms.float(), torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99]))
     return plain / count, weighted / count, [round(float(x), 3) for x in q], count

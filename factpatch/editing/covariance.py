@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,34 @@ def _cache_path(handle: ModelHandle, layer: int, corpus: Corpus, n_tokens: int, 
 
 
 @torch.no_grad()
+def read_text(
+    handle: ModelHandle,
+    texts: Sequence[str],
+    n_tokens: int,
+    max_len: int = 256,
+    batch_size: int = 8,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Forward ``texts`` in order, ``batch_size`` at a time, each truncated to ``max_len`` tokens
+    and right-padded, until ``n_tokens`` non-padding tokens have been read; the pass stops where
+    a hook raises :class:`StopForward`.  Yields, after each pass (the caller's hooks have seen
+    it), ``(ids [b, n], mask [b, n], take)``: the batch, its non-padding positions, and how many
+    of them, in row-major order, still count towards ``n_tokens``."""
+    tok, device, count = handle.tokenizer, handle.device, 0
+    for first in range(0, len(texts), batch_size):
+        rows = tok(list(texts[first : first + batch_size]), truncation=True, max_length=max_len)
+        rows = rows["input_ids"]
+        ids = pad_batch(rows, tok.pad_token_id, device)  # right padding: no mask needed
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
+        run_until_stop(handle.model, input_ids=ids, use_cache=False)
+        take = min(int(mask.sum()), n_tokens - count)
+        yield ids, mask, take
+        count += take
+        if count >= n_tokens:
+            return
+
+
+@torch.no_grad()
 def _accumulate(
     handle: ModelHandle,
     layers: list[int],
@@ -131,7 +160,7 @@ def _accumulate(
     max_len: int,
     batch_size: int,
 ) -> dict[int, CovarianceStats]:
-    tok, device = handle.tokenizer, handle.device
+    device = handle.device
     modules = {layer: handle.rewrite_module(layer) for layer in layers}
     d_key = _key_dim(handle, layers[0])
     sums = {
@@ -151,21 +180,12 @@ def _accumulate(
     count, started = 0, time.perf_counter()
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr)
     with thread_hooks(pre=[(modules[layer], capture(layer)) for layer in layers]):
-        for first in range(0, len(corpus.texts), batch_size):
-            texts = list(corpus.texts[first : first + batch_size])
-            rows = tok(texts, truncation=True, max_length=max_len)["input_ids"]
-            ids = pad_batch(rows, tok.pad_token_id, device)  # right padding: no mask needed
-            lengths = torch.tensor([len(r) for r in rows], device=device)
-            mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
-            run_until_stop(handle.model, input_ids=ids, use_cache=False)
-            take = min(int(mask.sum()), n_tokens - count)
+        for _ids, mask, take in read_text(handle, corpus.texts, n_tokens, max_len, batch_size):
             for layer in layers:
                 batch_keys = keys[layer][mask][:take].to(torch.float64)  # [n, d_key]
                 sums[layer].addmm_(batch_keys.T, batch_keys)
             count += take
             bar.update(take)
-            if count >= n_tokens:
-                break
     bar.close()
     seconds = time.perf_counter() - started
     if count < n_tokens:
