@@ -26,8 +26,8 @@ import torch
 from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.covariance import read_text
-from factpatch.evaluation.counterfact import load_records, summarise
-from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
+from factpatch.evaluation.counterfact import summarise
+from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
 from factpatch.evaluation.sequential import heldout_paragraphs, measure_records, perplexity
 from factpatch.models.hooks import StopForward, thread_hooks
 from factpatch.models.loading import load_model
@@ -65,9 +65,7 @@ def weighted_covariance(handle, layer: int, n_tokens: int, max_len: int = 256):
 
 
 def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
-    report, deltas = load_run(run)
-    deltas = deltas[:batches]
-    records = load_records(data)[: len(deltas) * report["batch"]]
+    report, deltas, records = open_run(run, data, batches)
     handle = load_model("gemma-3-270m", device=None, dtype="float32")
     layer = report["layers"][0]
     path = handle.adapter.rewrite_path(layer)

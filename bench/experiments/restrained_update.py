@@ -28,8 +28,8 @@ import time
 import torch
 
 from factpatch.editing import base_weights, load_weights
-from factpatch.evaluation.counterfact import load_records, summarise
-from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
+from factpatch.evaluation.counterfact import summarise
+from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     measure_records,
@@ -63,9 +63,7 @@ def prune(change: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int
 
 
 def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
-    report, deltas = load_run(run)
-    deltas = deltas[:batches]
-    records = load_records(data)[: len(deltas) * report["batch"]]
+    report, deltas, records = open_run(run, data, batches)
     handle = load_model("gemma-3-270m", device=None, dtype="float32")
     layer = report["layers"][0]
     path = handle.adapter.rewrite_path(layer)

@@ -63,6 +63,16 @@ def load_run(folder: str | Path) -> tuple[dict[str, Any], list[Delta]]:
     return report, checkpoint_deltas(folder)
 
 
+def open_run(
+    folder: str | Path, data: str | Path, batches: int | None = None
+) -> tuple[dict[str, Any], list[Delta], list[dict[str, Any]]]:
+    """A run's report, its first ``batches`` deltas (None: all) and the records they edited
+    (the first of ``data``, the run's CounterFact file)."""
+    report, deltas = load_run(folder)
+    deltas = deltas[:batches]
+    return report, deltas, load_records(data)[: len(deltas) * report["batch"]]
+
+
 @torch.no_grad()
 def replay(
     handle: ModelHandle,
@@ -132,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="append one JSON line per grid point")
     args = parser.parse_args(argv)
 
-    report, deltas = load_run(args.run)
-    deltas = deltas[: args.batches]
-    records = load_records(args.data)[: len(deltas) * report["batch"]]
+    report, deltas, records = open_run(args.run, args.data, args.batches)
     handle = load_model(args.model or "gemma-3-270m", device=args.device, dtype="float32")
     path = handle.adapter.rewrite_path(report["layers"][0])
     base = base_weights(handle, [path])
