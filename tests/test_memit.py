@@ -444,6 +444,14 @@ def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
     )
     torch.testing.assert_close(other[0], same[0])  # the first batch has no earlier keys
     assert not torch.allclose(other[-1], same[-1], atol=1e-5, rtol=1e-4)
+    # the ridge α·I joins λC: the same as re-solving with C + (α/λ)·I, and ‖ΔW‖_F shrinks
+    lam = hp.mom2_update_weight
+    alpha = lam * float(torch.trace(cov)) / cov.shape[0]  # λ × C's mean eigenvalue
+    ridged = replay(tiny_llama, report, deltas, records, lam, ridge=alpha)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    shifted = replay(tiny_llama, report, deltas, records, lam, cov=cov + (alpha / lam) * eye)
+    torch.testing.assert_close(ridged[-1], shifted[-1])
+    assert (ridged[0] - w0).norm() < (same[0] - w0).norm()
 
 
 def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):

@@ -15,12 +15,18 @@ fact, v*ᵢ = W_{b−1} kᵢ + Rᵢ, with R its delta's left factor and W_{b−1
 batch b; a run with other settings would optimise δ again against its own model.  Batch b is
 re-solved on the replayed model W'_{b−1} as (MEMIT eq. 14, float64)
 
-    R'ᵢ = s · (Rᵢ + (W_{b−1} − W'_{b−1}) kᵢ),    Δ'_b = R' Kᵀ (λ'·C + μ'·K_pK_pᵀ + K Kᵀ)⁻¹
+    R'ᵢ = s · (Rᵢ + (W_{b−1} − W'_{b−1}) kᵢ),    Δ'_b = R' Kᵀ (λ'·C + α·I + μ'·K_pK_pᵀ + K Kᵀ)⁻¹
 
-with K_pK_pᵀ the earlier batches' keys.  With λ' and μ' the run's and s = 1 the replay
-reproduces the recorded run's weights.  A grid point's ``prior`` sets μ', its
+with K_pK_pᵀ the earlier batches' keys.  With λ' and μ' the run's, α = 0 and s = 1 the replay
+reproduces the recorded run's weights.  A grid point's ``prior`` sets μ', its ``ridge`` α, its
 ``cov_tokens`` re-solves with C estimated from that many tokens; ``--paragraphs`` measures
 perplexity on another held-back set than the run's (the unedited value is then measured too).
+
+α·I is a Frobenius-norm penalty α‖ΔW‖²_F in MEMIT's least squares (the norm constraint of
+Gupta et al. 2025, "Lifelong Knowledge Editing requires Better Regularization", arXiv
+2502.01636).  With μ' = 1 the batches solve one recursive least-squares problem, so the penalty
+falls on the whole accumulated change: the replay then minimises, over the run's targets,
+λ'‖(W − W₀) C^½‖² + α‖W − W₀‖² + Σᵢ ‖W kᵢ − v*ᵢ‖².
 """
 
 from __future__ import annotations
@@ -83,11 +89,13 @@ def replay(
     scale: float = 1.0,
     cov: torch.Tensor | None = None,
     prior: float | None = None,
+    ridge: float = 0.0,
 ) -> list[torch.Tensor]:
     """The edited layer's weight (float64, (out, in)) after each replayed batch; ``handle``
     must hold the run's unedited model (its weights are read, never written).  ``cov`` [in, in]
     re-solves with another key covariance (default: the run's); ``prior`` is the weight μ of the
-    earlier batches' keys in the preserved term, ``μ · Σ K_p K_pᵀ`` (default: the run's)."""
+    earlier batches' keys in the preserved term, ``μ · Σ K_p K_pᵀ`` (default: the run's);
+    ``ridge`` is α, added as ``α·I`` to the same term."""
     if prior is None:
         prior = float(report["hparams"].get("prior_weight", 0.0))
     layer, batch = report["layers"][0], report["batch"]
@@ -98,6 +106,7 @@ def replay(
     recorded = handle.rewrite_weight(layer).double().clone()  # W_{b−1}, the run's model
     replayed = recorded.clone()  # W'_{b−1}
     gram = torch.zeros_like(cov)  # Σ K_p K_pᵀ over the batches before b
+    preserved = lam * cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     out = []
     for b, delta in enumerate(deltas):
         requests = [request_for(r) for r in records[b * batch : (b + 1) * batch]]
@@ -108,7 +117,7 @@ def replay(
             raise ValueError(f"records: batch {b} of the run has {left.shape[1]} facts")
         resid = scale * (left.T + k_bare @ (recorded - replayed).T)  # R'ᵀ: [B, out]
         K = delta.keys[path].double().to(recorded.device)  # [in, B]
-        new_right = torch.linalg.solve(lam * cov + prior * gram + K @ K.T, K)  # [in, B]
+        new_right = torch.linalg.solve(preserved + prior * gram + K @ K.T, K)  # [in, B]
         gram += K @ K.T
         recorded += left @ right.T
         replayed += resid.T @ new_right.T
@@ -133,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="the run's model (default: bundled)")
     parser.add_argument("--batches", type=int, default=None, help="replay the first N batches")
     parser.add_argument(
-        "--grid", required=True, help='JSON list of {"lam": λ, "scale": s, "cov_tokens": n}'
+        "--grid",
+        required=True,
+        help='JSON list of {"lam": λ, "scale": s, "prior": μ, "ridge": α, "cov_tokens": n}',
     )
     parser.add_argument(
         "--paragraphs", type=int, default=None, help="held-back paragraphs (default: the run's)"
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             point.get("scale", 1.0),
             run_covariance(handle, report, point.get("cov_tokens")),
             point.get("prior"),
+            point.get("ridge", 0.0),
         )
         load_weights(handle, {path: weights[-1]})
         line = {
