@@ -172,3 +172,48 @@ def test_delta_save_load_round_trip(tiny_llama, tiny_hparams, eiffel, tmp_path):
 def test_layer_out_of_range_is_refused(tiny_llama, tiny_hparams, eiffel):
     with pytest.raises(ValueError, match="layer"):
         compute_edit(tiny_llama, eiffel, tiny_hparams.with_overrides(layer=99))
+
+
+def _targets_most_probable(handle, request, hp, templates, delta_vec) -> bool:
+    """Whether, with δ added at the subject's last token, every target token is the most
+    probable one at its position in every prefixed prompt."""
+    from factpatch.editing.rome import _build_batch
+    from factpatch.models.hooks import thread_hooks
+
+    batch = _build_batch(handle, request, templates)
+    captured, _ = _capture(handle, batch.ids, hp.layer)
+    rows = torch.arange(batch.ids.shape[0])
+
+    def add(_module, _args, output):
+        out = output.clone()
+        out[rows, batch.subject_pos] += delta_vec.to(out.dtype)
+        return out
+
+    blocks, upper = handle.module(handle.adapter.blocks), range(hp.layer, handle.n_layers)
+    with torch.no_grad(), thread_hooks(forward=[(handle.rewrite_module(hp.layer), add)]):
+        hidden = _run_blocks(blocks, captured, upper)
+    logits = _head(handle, hidden[batch.nll_rows, batch.nll_pos])
+    return bool((logits.argmax(-1) == batch.nll_ids).all())
+
+
+def test_most_probable_early_stopping_stops_at_the_first_step_that_makes_every_target_top(
+    tiny_llama, tiny_hparams
+):
+    """MPES (Gupta et al. 2025): with the NLL stop off, the optimisation ends at the first step
+    after which the target is the top token in every prompt — not before, not later."""
+    from factpatch.editing.rome import _optimise
+    from factpatch.editing.templates import context_templates
+
+    # The subject ends the prompt and the target is one token: a random tiny model's later
+    # positions barely feel δ, so only there can the target become the top token.
+    request = EditRequest("Tourists come to see {}", "the Eiffel Tower in", "Paris")
+    hp = tiny_hparams.with_overrides(steps=60, early_stop_nll=0.0)
+    templates = context_templates(tiny_llama, list(hp.templates), 0)
+    mpes = hp.with_overrides(early_stop_most_probable=True)
+    *_, delta_vec, stats = _optimise(tiny_llama, request, mpes, templates, None)
+    *_, _, full = _optimise(tiny_llama, request, hp, templates, None)
+    assert full.steps == 60 and 0 < stats.steps < 60
+    assert _targets_most_probable(tiny_llama, request, hp, templates, delta_vec)
+    earlier = hp.with_overrides(steps=stats.steps - 1)
+    *_, before, _ = _optimise(tiny_llama, request, earlier, templates, None)
+    assert not _targets_most_probable(tiny_llama, request, hp, templates, before)

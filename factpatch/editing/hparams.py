@@ -20,6 +20,9 @@ class RomeHParams:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     early_stop_nll: float = 0.05  # stop once the target's mean NLL is below this
+    # …or, when set, once every target token is the most probable one at its position in every
+    # prompt (MPES, Gupta et al. 2025, arXiv 2502.01636)
+    early_stop_most_probable: bool = False
     templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (prefix tokens, count)
     template_seed: int = 0
     cov_tokens: int = 100_000
@@ -92,6 +95,7 @@ class MemitHParams:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     early_stop_nll: float = 0.05
+    early_stop_most_probable: bool = False
     templates: tuple[tuple[int, int], ...] = ((10, 5),)
     template_seed: int = 0
     cov_tokens: int = 100_000
@@ -132,6 +136,7 @@ class MemitHParams:
             kl_factor=self.kl_factor,
             clamp_norm_factor=self.clamp_norm_factor,
             early_stop_nll=self.early_stop_nll,
+            early_stop_most_probable=self.early_stop_most_probable,
             templates=self.templates,
             template_seed=self.template_seed,
             cov_tokens=self.cov_tokens,

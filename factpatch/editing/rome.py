@@ -12,7 +12,9 @@ The MLP output projection W at one layer is read as a key→value memory.  An ed
             + weight_decay · ‖δ‖ / ‖v_init‖²                                    (reference form)
 
    with Adam, ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after every step, stopping early once the NLL
-   is below ``early_stop_nll``;
+   is below ``early_stop_nll`` or, with ``early_stop_most_probable``, once every target token is
+   the most probable token at its position in every prefixed prompt (most-probable early
+   stopping, MPES: Gupta et al. 2025, arXiv 2502.01636);
 3. inserts the pair (k̄, v* = W k̄ + δ) with the covariance-weighted rank-one update (eq. 2)
 
        ΔW = (v* − W k̄) (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄) = δ (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄).
@@ -265,7 +267,12 @@ def _optimise(
             decay = hp.weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + hp.kl_factor * kl + decay
             stats.nll_end = float(nll.detach())
-            if step == hp.steps or stats.nll_end < hp.early_stop_nll:
+            most_probable = bool((log_probs[:-1].argmax(-1) == batch.nll_ids).all())
+            if (
+                step == hp.steps
+                or stats.nll_end < hp.early_stop_nll
+                or (hp.early_stop_most_probable and most_probable)
+            ):
                 break
             (grad,) = torch.autograd.grad(loss, [delta])
             delta.grad = grad
