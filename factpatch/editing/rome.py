@@ -267,12 +267,10 @@ def _optimise(
             decay = hp.weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + hp.kl_factor * kl + decay
             stats.nll_end = float(nll.detach())
-            most_probable = bool((log_probs[:-1].argmax(-1) == batch.nll_ids).all())
-            if (
-                step == hp.steps
-                or stats.nll_end < hp.early_stop_nll
-                or (hp.early_stop_most_probable and most_probable)
-            ):
+            stop = step == hp.steps or stats.nll_end < hp.early_stop_nll
+            if not stop and hp.early_stop_most_probable:  # MPES: every target token on top
+                stop = bool((log_probs[:-1].argmax(-1) == batch.nll_ids).all())
+            if stop:
                 break
             (grad,) = torch.autograd.grad(loss, [delta])
             delta.grad = grad
