@@ -11,7 +11,11 @@ its own settings: the recorded weights), then measures variants of the final ΔW
 - ``{"whitened_top": k, "keep": γ}``: the top k components of ΔW C^½ scaled by γ,
   ΔW' = ΔW − (1 − γ) Σ_{i≤k} sᵢ uᵢ vᵢᵀ C^−½;
 - ``{"prune": true}``: PRUNE's restraint of ΔW's own singular values σ > σ_max(W),
-  σ ← ln σ − ln σ_max(W) + σ_max(W) (the paper's F with base e).
+  σ ← ln σ − ln σ_max(W) + σ_max(W) (the paper's F with base e);
+- ``{"rect": q}``: RECT (Gu et al. 2024, "Model Editing Harms General Abilities of Large
+  Language Models: Regularization to the Rescue", arXiv 2401.04700) keeps the fraction q of
+  ΔW's entries with the largest relative change |ΔWᵢⱼ| / |Wᵢⱼ| and zeroes the rest (applied
+  here once, to the accumulated update).
 
     python bench/experiments/restrained_update.py results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 \\
@@ -62,6 +66,14 @@ def prune(change: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int
     return (u * s) @ vh, int(big.sum())
 
 
+def rect(change: torch.Tensor, weight: torch.Tensor, keep: float) -> torch.Tensor:
+    """ΔW with only the fraction ``keep`` of its entries of largest |ΔWᵢⱼ| / |Wᵢⱼ| (RECT)."""
+    relative = (change.abs() / weight.abs().clamp(min=1e-12)).flatten()
+    n_keep = max(1, round(keep * relative.numel()))
+    threshold = torch.topk(relative, n_keep).values[-1]
+    return torch.where(relative.view_as(change) >= threshold, change, torch.zeros_like(change))
+
+
 def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
     report, deltas, records = open_run(run, data, batches)
     handle = load_model("gemma-3-270m", device=None, dtype="float32")
@@ -79,6 +91,8 @@ def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
         edited = change
         if point.get("prune"):
             edited, info["restrained"] = prune(change, weight0)
+        elif "rect" in point:
+            edited = rect(change, weight0, point["rect"])
         elif "whitened_top" in point:
             edited, info["top_shares"] = restrain_whitened(
                 change, cov, point["whitened_top"], point["keep"]
@@ -90,6 +104,7 @@ def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
             **info,
             "n_edits": len(records),
             "wear": float(torch.trace(edited @ cov @ edited.T)),
+            "norm_ratio": float(edited.norm() / change.norm()),
             "sigma_max_change": float(torch.linalg.svdvals(edited)[0]),
             "sigma_max_weight": float(torch.linalg.svdvals(weight0)[0]),
             "paragraphs": len(held),

@@ -1,0 +1,205 @@
+"""Experiment record: protect the text in the metric its loss feels, on both sides of W.
+
+MEMIT's preserved term λ‖ΔW C^½‖² = λ·E_text‖ΔW k‖² counts every direction of the layer's
+output alike.  What the text's loss feels of a change Δy at the layer's output is, to second
+order, ½·Δyᵀ F Δy with F the Fisher of the next-token distribution at that output; the
+Kronecker-factored approximation of the weight's Fisher, E[g gᵀ ⊗ k kᵀ] ≈ A ⊗ C with
+A = E[g gᵀ] over the output gradients g = ∂ℓ/∂y (K-FAC, Martens & Grosse 2015; used for
+weight surgery by van der Ouderaa et al. 2024, "The LLM Surgeon", ICLR), gives the preserved term
+λ·tr(Ā ΔW C ΔWᵀ), Ā = A^p scaled to mean eigenvalue 1 (p = 0: MEMIT; p = 1: K-FAC).  Batch b of
+a recorded sequential run is re-solved (float64) as
+
+    min_Δ  λ·tr(Ā Δ C Δᵀ) + μ‖Δ K_p‖² + ‖Δ K − R'‖²,
+
+row by row in Ā's eigenbasis (Ā = U diag(a) Uᵀ, Δ̃ = UᵀΔ, R̃ = UᵀR'):
+δ̃ᵢ = (λ aᵢ C + M)⁻¹ K r̃ᵢ with M = μ K_pK_pᵀ + K Kᵀ, all rows at once through the generalised
+eigenvectors of (M, C): with C = L Lᵀ and L⁻¹ M L⁻ᵀ = V diag(m) Vᵀ,
+(λ aᵢ C + M)⁻¹ = L⁻ᵀ V diag(1 / (λ aᵢ + m)) Vᵀ L⁻¹.  The targets are the run's (as in
+factpatch.evaluation.memit_replay, whose residual bookkeeping this follows).  A grid point's
+``grad_cov`` β replaces C by (1 − β)·C + β·C_g, C_g = E[‖g‖² k kᵀ] / E[‖g‖²] from the Fisher
+sample scaled to C's trace: the input side of the exact per-token Fisher E[(gᵀΔW k)²], which
+K-FAC's independence assumption (A ⊗ C) misses.
+
+F is estimated with labels sampled from the model (the true Fisher, not the empirical one) on
+corpus paragraphs that are neither C's nor the held-back ones; each token's g includes the
+later positions' losses.  For every grid point the script also reports ½·E_t[(g_tᵀ ΔW k_t)²],
+the second-order prediction of the change in mean NLL per token, beside the measured one.
+
+    python bench/experiments/output_fisher.py results/seq1000/memit-layer4-lam75-prior1 \\
+        ../shared/data/counterfact/counterfact-val.json 4 \\
+        '[{"lam": 75, "power": 0}, {"lam": 75, "power": 1}]'
+
+One JSON line per grid point on stdout.  Results: docs/evaluation.md.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from factpatch.corpus import load_corpus
+from factpatch.editing import base_weights, load_weights
+from factpatch.editing.memit import _Rows, _trace
+from factpatch.editing.prompts import pad_batch
+from factpatch.evaluation.counterfact import request_for, summarise
+from factpatch.evaluation.memit_replay import open_run, run_covariance
+from factpatch.evaluation.sequential import (
+    heldout_paragraphs,
+    measure_records,
+    perplexity,
+    run_paragraphs,
+)
+from factpatch.models.loading import ModelHandle, load_model
+
+
+def sample_gradients(
+    handle: ModelHandle, layer: int, texts: list[str], n_tokens: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys k_t [N, in] and output gradients g_t [N, out] (float32) at the rewrite module of
+    ``layer``, labels drawn from the model's own next-token distribution."""
+    module = handle.module(handle.adapter.rewrite_path(layer))
+    tok, device = handle.tokenizer, handle.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_mod, inputs, output):
+        seen["k"] = inputs[0].detach()
+        seen["y"] = output.detach().requires_grad_(True)  # the graph starts here
+        return seen["y"]
+
+    keys, grads, count = [], [], 0
+    handle_ = module.register_forward_hook(hook)
+    try:
+        for text in texts:
+            ids = tok(text, truncation=True, max_length=128)["input_ids"]
+            if len(ids) < 2:
+                continue
+            batch = pad_batch([ids], tok.pad_token_id, device)
+            logits = handle.model(input_ids=batch).logits[0, :-1].float()  # [n−1, V]
+            with torch.no_grad():
+                labels = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, seen["y"])
+            keys.append(seen["k"][0, :-1].float().cpu())  # positions with a loss at or after
+            grads.append(grad[0, :-1].float().cpu())
+            count += len(ids) - 1
+            if count >= n_tokens:
+                break
+    finally:
+        handle_.remove()
+    return torch.cat(keys)[:n_tokens], torch.cat(grads)[:n_tokens]
+
+
+def output_metric(grads: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ā's eigenvalues a (mean 1) and eigenvectors U, for A = E[g gᵀ] raised to ``power``."""
+    fisher = grads.double().T @ grads.double() / len(grads)
+    eigvals, eigvecs = torch.linalg.eigh(fisher)
+    a = eigvals.clamp(min=eigvals.max() * 1e-12) ** power
+    return a / a.mean(), eigvecs
+
+
+def replay_kron(handle, report, deltas, records, lam, cov, a, u, prior) -> torch.Tensor:
+    """The edited layer's weight (float64) after the batches re-solved with λ·tr(Ā Δ C Δᵀ)."""
+    layer, batch = report["layers"][0], report["batch"]
+    path = handle.adapter.rewrite_path(layer)
+    dev = handle.device
+    cov, a, u = cov.double().to(dev), a.to(dev), u.to(dev)
+    chol = torch.linalg.cholesky(cov)  # C = L Lᵀ
+    recorded = handle.rewrite_weight(layer).double().clone()
+    replayed = recorded.clone()
+    gram = torch.zeros_like(cov)
+    for b, delta in enumerate(deltas):
+        requests = [request_for(r) for r in records[b * batch : (b + 1) * batch]]
+        rows = _Rows.build(handle, requests, ["{}"])
+        k_bare = _trace(handle, rows, [layer], {}, layer).keys[layer].double()  # [B, in]
+        left, right = (f.double().to(dev) for f in delta.factors[path])
+        resid = left.T + k_bare @ (recorded - replayed).T  # R'ᵀ: [B, out]
+        K = delta.keys[path].double().to(dev)  # [in, B]
+        M = prior * gram + K @ K.T
+        linv_m = torch.linalg.solve_triangular(chol, M, upper=False)  # L⁻¹ M
+        m, V = torch.linalg.eigh(torch.linalg.solve_triangular(chol, linv_m.T, upper=False))
+        proj = V.T @ torch.linalg.solve_triangular(chol, K, upper=False)  # Vᵀ L⁻¹ K: [in, B]
+        q = (proj @ resid @ u) / (lam * a[None, :] + m[:, None])  # [in, out] in Ā's basis
+        upd_t = torch.linalg.solve_triangular(chol.T, V @ q, upper=True)  # Δ̃ᵀ: [in, out]
+        gram += K @ K.T
+        recorded += left @ right.T
+        replayed += u @ upd_t.T
+    return replayed
+
+
+def gradient_weighted_cov(keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """C_g = E[‖g‖² k kᵀ] / E[‖g‖²] (float64): the input side of the exact per-token Fisher
+    E[(gᵀ ΔW k)²] when the output side is taken as isotropic; each token's key weighted by how
+    much its prediction responds to the layer's output."""
+    weight = grads.double().pow(2).sum(-1)  # [N]
+    keys = keys.double()
+    return (keys * weight[:, None]).T @ keys / weight.sum()
+
+
+def main(run: str, data: str, batches: int, grid: list[dict], n_fisher: int = 16384) -> None:
+    report, deltas, records = open_run(run, data, batches)
+    handle = load_model("gemma-3-270m", device=None, dtype="float32")
+    layer = report["layers"][0]
+    path = handle.adapter.rewrite_path(layer)
+    held, _ = heldout_paragraphs(None, run_paragraphs(report))
+    texts = load_corpus(None).texts
+    store = Path(run) / f"fisher-L{layer}-{n_fisher}.pt"
+    if store.is_file():
+        keys, grads = torch.load(store)
+    else:
+        t0 = time.perf_counter()
+        pool = list(texts[len(texts) - len(held) - 1000 : len(texts) - len(held)])
+        keys, grads = sample_gradients(handle, layer, pool, n_fisher)
+        torch.save((keys, grads), store)
+        print(json.dumps({"fisher_tokens": len(keys), "seconds": time.perf_counter() - t0}))
+    base = base_weights(handle, [path])
+    weight0 = base[path].double()
+    cov = run_covariance(handle, report)
+    lam0 = report["hparams"]["mom2_update_weight"]
+    prior = float(report["hparams"].get("prior_weight", 0.0))
+    for point in grid:
+        t0 = time.perf_counter()
+        a, u = output_metric(grads, point["power"])
+        if point.get("check"):  # Ā = I must give the plain replay's weights
+            a = torch.ones_like(a)
+        solve_cov = cov
+        if point.get("grad_cov"):  # C blended with C_g (scaled to C's trace) by β
+            beta, cov_g = point["grad_cov"], gradient_weighted_cov(keys, grads).to(cov.device)
+            solve_cov = (1 - beta) * cov + beta * cov_g * (cov.trace() / cov_g.trace())
+        weight = replay_kron(handle, report, deltas, records, point["lam"], solve_cov, a, u, prior)
+        change = (weight - weight0.to(weight.device)).cpu()
+        pred = 0.0
+        for first in range(0, len(keys), 2048):
+            k, g = keys[first : first + 2048].double(), grads[first : first + 2048].double()
+            pred += float(((g @ change) * k).sum(-1).pow(2).sum())
+        if point.get("predict_only"):  # the prediction alone, for a point measured before
+            print(json.dumps({**point, "predicted_dnll": 0.5 * pred / len(keys)}), flush=True)
+            continue
+        load_weights(handle, {path: weight})
+        ppl = perplexity(handle, held)
+        line = {
+            **point,
+            "n_edits": len(records),
+            "wear": float(torch.trace(change @ cov.cpu() @ change.T)),
+            "rank": int(torch.linalg.matrix_rank(change.float())),
+            "predicted_dnll": 0.5 * pred / len(keys),
+            "measured_dnll": math.log(ppl / report["unedited_perplexity"]),
+            "perplexity": ppl,
+            "unedited_perplexity": report["unedited_perplexity"],
+            "a_max": float(a.max()),
+            "a_median": float(a.median()),
+            **summarise(measure_records(handle, records)),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "lam_run": lam0,
+        }
+        load_weights(handle, base)
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main(
+        sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), *map(int, sys.argv[5:])
+    )
