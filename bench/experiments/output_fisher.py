@@ -18,7 +18,9 @@ eigenvectors of (M, C): with C = L Lᵀ and L⁻¹ M L⁻ᵀ = V diag(m) Vᵀ,
 factpatch.evaluation.memit_replay, whose residual bookkeeping this follows).  A grid point's
 ``grad_cov`` β replaces C by (1 − β)·C + β·C_g, C_g = E[‖g‖² k kᵀ] / E[‖g‖²] from the Fisher
 sample scaled to C's trace: the input side of the exact per-token Fisher E[(gᵀΔW k)²], which
-K-FAC's independence assumption (A ⊗ C) misses.
+K-FAC's independence assumption (A ⊗ C) misses.  A fifth argument n > 0 also accumulates A and
+C_g over n tokens of the paragraphs between C's and the sample's (its sums alone, cached beside
+the run); a point's ``"big": true`` solves with those instead of the sample's.
 
 F is estimated with labels sampled from the model (the true Fisher, not the empirical one) on
 corpus paragraphs that are neither C's nor the held-back ones; each token's g includes the
@@ -55,11 +57,10 @@ from factpatch.evaluation.sequential import (
 from factpatch.models.loading import ModelHandle, load_model
 
 
-def sample_gradients(
-    handle: ModelHandle, layer: int, texts: list[str], n_tokens: int, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys k_t [N, in] and output gradients g_t [N, out] (float32) at the rewrite module of
-    ``layer``, labels drawn from the model's own next-token distribution."""
+def _gradients(handle: ModelHandle, layer: int, texts: list[str], seed: int = 0):
+    """Per paragraph: keys k_t [n, in] and output gradients g_t [n, out] (float32, on the
+    model's device) at the rewrite module of ``layer``, labels drawn from the model's own
+    next-token distribution."""
     module = handle.module(handle.adapter.rewrite_path(layer))
     tok, device = handle.tokenizer, handle.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -70,8 +71,7 @@ def sample_gradients(
         seen["y"] = output.detach().requires_grad_(True)  # the graph starts here
         return seen["y"]
 
-    keys, grads, count = [], [], 0
-    handle_ = module.register_forward_hook(hook)
+    hooked = module.register_forward_hook(hook)
     try:
         for text in texts:
             ids = tok(text, truncation=True, max_length=128)["input_ids"]
@@ -83,19 +83,47 @@ def sample_gradients(
                 labels = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
             loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, seen["y"])
-            keys.append(seen["k"][0, :-1].float().cpu())  # positions with a loss at or after
-            grads.append(grad[0, :-1].float().cpu())
-            count += len(ids) - 1
-            if count >= n_tokens:
-                break
+            # positions with a loss at or after them
+            yield seen["k"][0, :-1].float(), grad[0, :-1].float()
     finally:
-        handle_.remove()
+        hooked.remove()
+
+
+def sample_gradients(
+    handle: ModelHandle, layer: int, texts: list[str], n_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_tokens`` keys [N, in] and output gradients [N, out], on the CPU."""
+    keys, grads, count = [], [], 0
+    for k, g in _gradients(handle, layer, texts):
+        keys.append(k.cpu())
+        grads.append(g.cpu())
+        count += len(k)
+        if count >= n_tokens:
+            break
     return torch.cat(keys)[:n_tokens], torch.cat(grads)[:n_tokens]
 
 
-def output_metric(grads: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ā's eigenvalues a (mean 1) and eigenvectors U, for A = E[g gᵀ] raised to ``power``."""
-    fisher = grads.double().T @ grads.double() / len(grads)
+def gradient_stats(
+    handle: ModelHandle, layer: int, texts: list[str], n_tokens: int
+) -> dict[str, torch.Tensor]:
+    """A = E[g gᵀ] and C_g = E[‖g‖² k kᵀ] / E[‖g‖²] (float64, CPU) over ``n_tokens`` tokens,
+    accumulated paragraph by paragraph in corpus order."""
+    fisher = gram = None
+    weight, count = 0.0, 0
+    for k, g in _gradients(handle, layer, texts, seed=1):
+        k, g = k[: n_tokens - count].double(), g[: n_tokens - count].double()
+        norms = g.pow(2).sum(-1)
+        part_f, part_g = g.T @ g, (k * norms[:, None]).T @ k
+        fisher = part_f if fisher is None else fisher + part_f
+        gram = part_g if gram is None else gram + part_g
+        weight, count = weight + float(norms.sum()), count + len(k)
+        if count >= n_tokens:
+            break
+    return {"A": (fisher / count).cpu(), "C_g": (gram / weight).cpu(), "n": torch.tensor(count)}
+
+
+def output_metric(fisher: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ā's eigenvalues a (mean 1) and eigenvectors U, for A (``fisher``) raised to ``power``."""
     eigvals, eigvecs = torch.linalg.eigh(fisher)
     a = eigvals.clamp(min=eigvals.max() * 1e-12) ** power
     return a / a.mean(), eigvecs
@@ -139,7 +167,9 @@ def gradient_weighted_cov(keys: torch.Tensor, grads: torch.Tensor) -> torch.Tens
     return (keys * weight[:, None]).T @ keys / weight.sum()
 
 
-def main(run: str, data: str, batches: int, grid: list[dict], n_fisher: int = 16384) -> None:
+def main(
+    run: str, data: str, batches: int, grid: list[dict], n_fisher: int = 16384, n_big: int = 0
+) -> None:
     report, deltas, records = open_run(run, data, batches)
     handle = load_model("gemma-3-270m", device=None, dtype="float32")
     layer = report["layers"][0]
@@ -155,6 +185,17 @@ def main(run: str, data: str, batches: int, grid: list[dict], n_fisher: int = 16
         keys, grads = sample_gradients(handle, layer, pool, n_fisher)
         torch.save((keys, grads), store)
         print(json.dumps({"fisher_tokens": len(keys), "seconds": time.perf_counter() - t0}))
+    small = {"A": grads.double().T @ grads.double() / len(grads)}
+    small["C_g"] = gradient_weighted_cov(keys, grads)
+    big = small
+    if n_big:  # a larger sample for the metric alone, from paragraphs after C's
+        big_store = Path(run) / f"fisher-stats-L{layer}-{n_big}.pt"
+        if not big_store.is_file():
+            t0 = time.perf_counter()
+            pool = list(texts[1000 : len(texts) - len(held) - 1000])
+            torch.save(gradient_stats(handle, layer, pool, n_big), big_store)
+            print(json.dumps({"fisher_stats_tokens": n_big, "seconds": time.perf_counter() - t0}))
+        big = torch.load(big_store)
     base = base_weights(handle, [path])
     weight0 = base[path].double()
     cov = run_covariance(handle, report)
@@ -162,12 +203,11 @@ def main(run: str, data: str, batches: int, grid: list[dict], n_fisher: int = 16
     prior = float(report["hparams"].get("prior_weight", 0.0))
     for point in grid:
         t0 = time.perf_counter()
-        a, u = output_metric(grads, point["power"])
-        if point.get("check"):  # Ā = I must give the plain replay's weights
-            a = torch.ones_like(a)
+        stats = big if point.get("big") else small
+        a, u = output_metric(stats["A"], point["power"])
         solve_cov = cov
         if point.get("grad_cov"):  # C blended with C_g (scaled to C's trace) by β
-            beta, cov_g = point["grad_cov"], gradient_weighted_cov(keys, grads).to(cov.device)
+            beta, cov_g = point["grad_cov"], stats["C_g"].to(cov.device)
             solve_cov = (1 - beta) * cov + beta * cov_g * (cov.trace() / cov_g.trace())
         weight = replay_kron(handle, report, deltas, records, point["lam"], solve_cov, a, u, prior)
         change = (weight - weight0.to(weight.device)).cpu()
