@@ -15,7 +15,7 @@ row by row in Ā's eigenbasis (Ā = U diag(a) Uᵀ, Δ̃ = UᵀΔ, R̃ = UᵀR')
 δ̃ᵢ = (λ aᵢ C + M)⁻¹ K r̃ᵢ with M = μ K_pK_pᵀ + K Kᵀ, all rows at once through the generalised
 eigenvectors of (M, C): with C = L Lᵀ and L⁻¹ M L⁻ᵀ = V diag(m) Vᵀ,
 (λ aᵢ C + M)⁻¹ = L⁻ᵀ V diag(1 / (λ aᵢ + m)) Vᵀ L⁻¹.  The targets are the run's (as in
-factpatch.evaluation.memit_replay, whose residual bookkeeping this follows).  A grid point's
+factpatch.evaluation.memit_replay, whose replay loop runs this solve).  A grid point's
 ``grad_cov`` β replaces C by (1 − β)·C + β·C_g, C_g = E[‖g‖² k kᵀ] / E[‖g‖²] from the Fisher
 sample scaled to C's trace: the input side of the exact per-token Fisher E[(gᵀΔW k)²], which
 K-FAC's independence assumption (A ⊗ C) misses.  A fifth argument n > 0 also accumulates A and
@@ -44,10 +44,9 @@ import torch
 
 from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
-from factpatch.editing.memit import _Rows, _trace
 from factpatch.editing.prompts import pad_batch
-from factpatch.evaluation.counterfact import request_for, summarise
-from factpatch.evaluation.memit_replay import open_run, run_covariance
+from factpatch.evaluation.counterfact import summarise
+from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     measure_records,
@@ -129,33 +128,21 @@ def output_metric(fisher: torch.Tensor, power: float) -> tuple[torch.Tensor, tor
     return a / a.mean(), eigvecs
 
 
-def replay_kron(handle, report, deltas, records, lam, cov, a, u, prior) -> torch.Tensor:
-    """The edited layer's weight (float64) after the batches re-solved with λ·tr(Ā Δ C Δᵀ)."""
-    layer, batch = report["layers"][0], report["batch"]
-    path = handle.adapter.rewrite_path(layer)
-    dev = handle.device
-    cov, a, u = cov.double().to(dev), a.to(dev), u.to(dev)
-    chol = torch.linalg.cholesky(cov)  # C = L Lᵀ
-    recorded = handle.rewrite_weight(layer).double().clone()
-    replayed = recorded.clone()
-    gram = torch.zeros_like(cov)
-    for b, delta in enumerate(deltas):
-        requests = [request_for(r) for r in records[b * batch : (b + 1) * batch]]
-        rows = _Rows.build(handle, requests, ["{}"])
-        k_bare = _trace(handle, rows, [layer], {}, layer).keys[layer].double()  # [B, in]
-        left, right = (f.double().to(dev) for f in delta.factors[path])
-        resid = left.T + k_bare @ (recorded - replayed).T  # R'ᵀ: [B, out]
-        K = delta.keys[path].double().to(dev)  # [in, B]
-        M = prior * gram + K @ K.T
-        linv_m = torch.linalg.solve_triangular(chol, M, upper=False)  # L⁻¹ M
+def kron_solve(lam: float, cov: torch.Tensor, a: torch.Tensor, u: torch.Tensor):
+    """A batch solve for ``memit_replay.replay``: min λ·tr(Ā Δ C Δᵀ) + tr(Δ M Δᵀ) − 2 tr(Δ K R'),
+    row by row in Ā's eigenbasis (module docstring); returns the update [out, in]."""
+    chol = torch.linalg.cholesky(cov.double())  # C = L Lᵀ
+    a, u = a.to(chol.device), u.to(chol.device)
+
+    def solve(resid: torch.Tensor, K: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        linv_m = torch.linalg.solve_triangular(chol, kept, upper=False)  # L⁻¹ M
         m, V = torch.linalg.eigh(torch.linalg.solve_triangular(chol, linv_m.T, upper=False))
         proj = V.T @ torch.linalg.solve_triangular(chol, K, upper=False)  # Vᵀ L⁻¹ K: [in, B]
         q = (proj @ resid @ u) / (lam * a[None, :] + m[:, None])  # [in, out] in Ā's basis
         upd_t = torch.linalg.solve_triangular(chol.T, V @ q, upper=True)  # Δ̃ᵀ: [in, out]
-        gram += K @ K.T
-        recorded += left @ right.T
-        replayed += u @ upd_t.T
-    return replayed
+        return u @ upd_t.T
+
+    return solve
 
 
 def gradient_weighted_cov(keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -200,7 +187,6 @@ def main(
     weight0 = base[path].double()
     cov = run_covariance(handle, report)
     lam0 = report["hparams"]["mom2_update_weight"]
-    prior = float(report["hparams"].get("prior_weight", 0.0))
     for point in grid:
         t0 = time.perf_counter()
         stats = big if point.get("big") else small
@@ -209,7 +195,10 @@ def main(
         if point.get("grad_cov"):  # C blended with C_g (scaled to C's trace) by β
             beta, cov_g = point["grad_cov"], stats["C_g"].to(cov.device)
             solve_cov = (1 - beta) * cov + beta * cov_g * (cov.trace() / cov_g.trace())
-        weight = replay_kron(handle, report, deltas, records, point["lam"], solve_cov, a, u, prior)
+        solve = kron_solve(point["lam"], solve_cov.to(handle.device), a, u)
+        weight = replay(handle, report, deltas, records, point["lam"], cov=solve_cov, solve=solve)[
+            -1
+        ]
         change = (weight - weight0.to(weight.device)).cpu()
         pred = 0.0
         for first in range(0, len(keys), 2048):

@@ -36,6 +36,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,15 @@ def replay(
     cov: torch.Tensor | None = None,
     prior: float | None = None,
     ridge: float = 0.0,
+    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """The edited layer's weight (float64, (out, in)) after each replayed batch; ``handle``
     must hold the run's unedited model (its weights are read, never written).  ``cov`` [in, in]
     re-solves with another key covariance (default: the run's); ``prior`` is the weight μ of the
     earlier batches' keys in the preserved term, ``μ · Σ K_p K_pᵀ`` (default: the run's);
-    ``ridge`` is α, added as ``α·I`` to the same term."""
+    ``ridge`` is α, added as ``α·I`` to the same term.  ``solve(R'ᵀ [B, out], K [in, B], M)``,
+    M = μ·Σ K_pK_pᵀ + K Kᵀ, replaces the batch's solve (default: MEMIT's, above) and returns its
+    update [out, in]."""
     if prior is None:
         prior = float(report["hparams"].get("prior_weight", 0.0))
     layer, batch = report["layers"][0], report["batch"]
@@ -107,6 +111,11 @@ def replay(
     replayed = recorded.clone()  # W'_{b−1}
     gram = torch.zeros_like(cov)  # Σ K_p K_pᵀ over the batches before b
     preserved = lam * cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+
+    def memit_solve(resid: torch.Tensor, K: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return resid.T @ torch.linalg.solve(preserved + kept, K).T  # [out, in]
+
+    solve = solve or memit_solve
     out = []
     for b, delta in enumerate(deltas):
         requests = [request_for(r) for r in records[b * batch : (b + 1) * batch]]
@@ -117,10 +126,10 @@ def replay(
             raise ValueError(f"records: batch {b} of the run has {left.shape[1]} facts")
         resid = scale * (left.T + k_bare @ (recorded - replayed).T)  # R'ᵀ: [B, out]
         K = delta.keys[path].double().to(recorded.device)  # [in, B]
-        new_right = torch.linalg.solve(preserved + prior * gram + K @ K.T, K)  # [in, B]
+        update = solve(resid, K, prior * gram + K @ K.T)
         gram += K @ K.T
         recorded += left @ right.T
-        replayed += resid.T @ new_right.T
+        replayed += update
         out.append(replayed.clone())
     return out
 
