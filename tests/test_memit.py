@@ -115,6 +115,46 @@ def test_the_solve_inserts_the_residual_at_the_keys(tiny_llama, memit_hparams):
     torch.testing.assert_close(delta.dense(path) @ keys.T, left, atol=1e-3, rtol=1e-3)
 
 
+def test_key_templates_solve_the_per_context_least_squares(tiny_llama, memit_hparams):
+    """With ``key_templates`` the update minimises λ tr(Δ C Δᵀ) + Σᵢ (1/T) Σ_t ‖Δ kᵢₜ − Rᵢ‖²
+    over every context's key (checked against a least-squares solve of the stacked system), the
+    delta keeps those keys scaled by 1/√T, and the sequential state counts facts, not keys."""
+    hp = memit_hparams.with_overrides(layers=(1,), key_templates=[[3, 4]])
+    delta = compute_memit(tiny_llama, REQUESTS, hp)
+    (path,) = delta.factors
+    left = delta.factors[path][0].double()  # R [out, B]
+    templates = context_templates(tiny_llama, [(3, 4)], hp.template_seed)
+    T = len(templates)
+    assert delta.provenance["key_contexts"] == T == 5
+    rows = _Rows.build(tiny_llama, REQUESTS, templates)
+    per_context = _trace(tiny_llama, rows, [1], {}, 1).keys[1].double()  # [B·T, in]
+    fitted = per_context.T / math.sqrt(T)  # [in, B·T]
+    torch.testing.assert_close(delta.keys[path].double(), fitted, rtol=1e-5, atol=1e-6)
+
+    cov = layer_covariances(tiny_llama, [1], hp.cov_tokens)[1].cov.double()
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    root = eigvecs @ torch.diag(eigvals.clamp(min=0).sqrt()) @ eigvecs.T  # C^½
+    inputs = torch.cat([math.sqrt(hp.mom2_update_weight) * root, fitted], 1)  # [in, in + B·T]
+    targets = torch.cat(
+        [
+            torch.zeros_like(left[:, :1]).expand(-1, cov.shape[0]),
+            left[:, rows.owner] / math.sqrt(T),
+        ],
+        1,
+    )  # [out, in + B·T]
+    expected = torch.linalg.lstsq(inputs.T, targets.T).solution.T  # argmin ‖Δ X − Y‖
+    got = delta.dense(path).double()
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+    assert delta.rank(path) <= len(REQUESTS)
+
+    state = SequentialState.from_deltas(tiny_llama, [delta])
+    assert state.n_edits == len(REQUESTS)
+    torch.testing.assert_close(state.grams[1], fitted @ fitted.T, rtol=1e-5, atol=1e-6)
+    plain = compute_memit(tiny_llama, REQUESTS, hp.with_overrides(key_templates=[]))
+    assert plain.keys[path].shape[1] == len(REQUESTS)
+    assert not torch.allclose(plain.dense(path), delta.dense(path))
+
+
 def test_alphaedit_leaves_preserved_keys_outputs_unchanged(tiny_llama, memit_hparams):
     hp = threshold_at_median(tiny_llama, memit_hparams)
     delta, state = compute_alphaedit(tiny_llama, REQUESTS, hp)
@@ -461,6 +501,10 @@ def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):
         (tmp_path / "progress.json").write_text(json.dumps({"method": method, "layers": layers}))
         with pytest.raises(ValueError, match="only single-layer MEMIT"):
             load_run(tmp_path)
+    report = {"method": "memit", "layers": [1], "hparams": {"key_templates": [[10, 20]]}}
+    (tmp_path / "progress.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="key_templates"):
+        load_run(tmp_path)
 
 
 def test_plot_labels_tell_apart_runs_of_one_method():

@@ -6,9 +6,11 @@ edit.  Factors are tiny (≈ (out + in)·r floats) and exact to store.
 
 A delta may also carry ``keys``: per module, the edited facts' keys ``[in, n]`` (the module's
 input at each subject's last token, averaged over the context templates, as the model sees them
-once the delta is applied).  They change no weight; they are what AlphaEdit must keep intact
-when later edits come (:meth:`factpatch.editing.memit.SequentialState.from_deltas`), so the
-state of any ledger version can be rebuilt from its active deltas alone.
+once the delta is applied; for a MEMIT batch solved with ``key_templates``, each fact's T context
+keys scaled by 1/√T, n = B·T, so that K Kᵀ is the Gram the solve fitted).  They change no
+weight; they are what AlphaEdit and MEMIT with μ > 0 keep intact when later edits come
+(:meth:`factpatch.editing.memit.SequentialState.from_deltas`), so the state of any ledger
+version can be rebuilt from its active deltas alone.
 
 * :func:`apply_delta` adds a delta to live weights in place (quick, but repeated adds and
   subtracts drift in low precision: use it for experiments, not for versioning).

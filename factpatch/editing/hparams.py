@@ -103,6 +103,8 @@ class MemitHParams:
     nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span P
     nullspace_l2: float = 10.0  # AlphaEdit: α
     prior_weight: float = 0.0  # MEMIT: μ, the earlier edits' weight in λC + μK_pK_pᵀ + KKᵀ
+    # Contexts whose keys the solve fits one by one (K Kᵀ → K̄K̄ᵀ + S); () fits the mean only.
+    key_templates: tuple[tuple[int, int], ...] = ()
     max_update_ratio: float = 0.5  # guard per layer: ‖ΔW_l‖_F / (‖W_l‖_F·√B) above it is refused
 
     def __post_init__(self) -> None:
@@ -148,8 +150,9 @@ def _memit(values: dict[str, Any]) -> MemitHParams:
     unknown = set(values) - {f.name for f in fields(MemitHParams)}
     if unknown:
         raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
-    if "templates" in values:
-        values["templates"] = tuple(tuple(t) for t in values["templates"])
+    for name in ("templates", "key_templates"):
+        if name in values:
+            values[name] = tuple(tuple(t) for t in values[name])
     if "layers" in values:
         values["layers"] = tuple(int(layer) for layer in values["layers"])
     return MemitHParams(**values)

@@ -27,6 +27,13 @@ A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l
    K_p K_pᵀ the keys of all earlier edits at that layer (:class:`SequentialState`).  Both are
    solves in float64, never explicit inverses.
 
+   With ``key_templates`` set, the solve fits every context's key rather than only their mean
+   (each weighted 1/T, so that a fact counts once): Σᵢ (1/T) Σ_t ‖Δ kᵢₜ − Rᵢ‖² =
+   Σᵢ ‖Δ k̄ᵢ − Rᵢ‖² + tr(Δ S Δᵀ), S the keys' within-fact scatter, so K_l K_lᵀ in both solves
+   becomes F Fᵀ = K̄ K̄ᵀ + S with F = [kᵢₜ / √T] [in, B·T] and K_l = K̄ (the mean over these
+   templates); F is what the delta keeps as its keys.  It asks the update to answer alike
+   whichever context precedes the subject (docs/evaluation.md, "Fitting every context's key").
+
    μ = ``prior_weight``; μ = 0 is the paper's MEMIT.  With μ = 1 the MEMIT solve is the least-
    squares problem of MEMIT eq. 9–11 with the earlier edits counted among the memories to keep
    (each weighted as a new edit is): min ‖ΔK_p‖² + λ‖ΔK₀‖² + ‖(W + Δ)K − V‖², whose solution is
@@ -62,6 +69,7 @@ deltas stay self-contained, each carrying its keys.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +115,8 @@ class SequentialState:
             K = keys.double().cpu()  # [in, n]
             layer = layer_of[path]
             grams[layer] = grams[layer] + K @ K.T if layer in grams else K @ K.T
-        n_new = max((k.shape[1] for k in delta.keys.values()), default=0)
+        columns = max((k.shape[1] for k in delta.keys.values()), default=0)
+        n_new = columns // int(delta.provenance.get("key_contexts", 1))
         return SequentialState(grams, self.n_edits + n_new)
 
     @classmethod
@@ -220,6 +229,13 @@ def _compute(
 
     t0 = time.perf_counter()
     rows = _Rows.build(handle, requests, templates)
+    key_templates = None
+    key_rows = None
+    if hp.key_templates:
+        key_templates = context_templates(
+            handle, [tuple(t) for t in hp.key_templates], hp.template_seed
+        )
+        key_rows = _Rows.build(handle, requests, key_templates)
     last = layers[-1]
     first = _trace(handle, rows, [last], {}, last)
     v0 = first.values[last][rows.bare]  # [B, out]
@@ -236,7 +252,12 @@ def _compute(
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         now = _trace(handle, rows, [layer], prior, last)
-        keys = rows.average(now.keys[layer]).double()  # K_lᵀ: [B, in]
+        K = rows.average(now.keys[layer]).double().T  # K_l: [in, B]
+        fitted = K  # the keys the solve fits: their Gram F Fᵀ enters the preserved term
+        if key_rows is not None:
+            per_context = _trace(handle, key_rows, [layer], prior, layer).keys[layer].double()
+            K = key_rows.average(per_context).T  # K̄_l: [in, B]
+            fitted = per_context.T / math.sqrt(len(key_templates))  # [in, B·T]
         with torch.no_grad():
             r = (z - now.hidden[rows.bare]) / (len(layers) - i)  # [B, d]
             v = now.values[layer][rows.bare]  # [B, out]
@@ -244,16 +265,15 @@ def _compute(
         seconds["keys"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        K = keys.T  # [in, B]
         cov = covs[layer]
         earlier = state.gram(layer, K.shape[0]).to(K.device)  # K_pK_pᵀ [in, in]
         if alpha:
             P = projectors[layer]["P"]  # [in, in]
-            A = earlier + K @ K.T
+            A = earlier + fitted @ fitted.T
             eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
             right = P @ torch.linalg.solve(A @ P + hp.nullspace_l2 * eye, K)  # [in, B]
         else:
-            A = hp.mom2_update_weight * cov + hp.prior_weight * earlier + K @ K.T
+            A = hp.mom2_update_weight * cov + hp.prior_weight * earlier + fitted @ fitted.T
             right = torch.linalg.solve(A, K)  # [in, B]
         left = resid.T  # [out, B]
         weight = handle.rewrite_weight(layer).double()
@@ -270,7 +290,7 @@ def _compute(
         factors[path] = (left32.cpu(), right32.cpu())
         # The keys at layer l depend only on the layers below it, all updated by now: they are
         # the keys the fully edited model sees.
-        edited_keys[path] = K.float().cpu()
+        edited_keys[path] = fitted.float().cpu()
         prior[layer] = (left32, right32)
         layer_stats.append(
             {
@@ -300,6 +320,8 @@ def _compute(
     }
     if alpha or hp.prior_weight > 0:
         provenance["prior_edits"] = state.n_edits
+    if key_templates is not None:
+        provenance["key_contexts"] = len(key_templates)
     return Delta(factors, provenance, edited_keys)
 
 

@@ -67,6 +67,11 @@ def load_run(folder: str | Path) -> tuple[dict[str, Any], list[Delta]]:
             f"run: {folder} is {report['method']} over layers {report['layers']}; "
             "only single-layer MEMIT runs replay exactly"
         )
+    if report["hparams"].get("key_templates"):
+        raise ValueError(
+            f"run: {folder} fits every context's key (key_templates); the replay re-solves "
+            "the template-averaged keys only"
+        )
     return report, checkpoint_deltas(folder)
 
 
