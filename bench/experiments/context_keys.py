@@ -31,12 +31,10 @@ import torch
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.memit import _Rows, _trace
 from factpatch.editing.templates import context_templates
-from factpatch.evaluation.counterfact import request_for, summarise
-from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
+from factpatch.evaluation.counterfact import request_for
+from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
-    measure_records,
-    perplexity,
     run_paragraphs,
 )
 from factpatch.models.loading import load_model
@@ -109,17 +107,13 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
         weights = replay(handle, report, deltas, records, lam, cov=cov, solve=solve)
         change = weights[-1] - weight0
         load_weights(handle, {path: weights[-1].float()})
-        measured = measure_records(handle, records)
         line = {
             **point,
             "lam": lam,
             "n_edits": len(records),
             "wear": float(torch.trace(change @ cov @ change.T)),
-            "paragraphs": len(held),
-            "perplexity": perplexity(handle, held),
             "unedited_perplexity": report["unedited_perplexity"],
-            **summarise(measured),
-            "by_batch": [summarise(measured[i * batch : (i + 1) * batch]) for i in range(batches)],
+            **measure_point(handle, records, batch, held),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         line["perplexity_change"] = line["perplexity"] / line["unedited_perplexity"] - 1

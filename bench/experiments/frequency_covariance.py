@@ -32,12 +32,9 @@ import torch
 from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.covariance import read_text
-from factpatch.evaluation.counterfact import summarise
-from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
+from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
-    measure_records,
-    perplexity,
     run_paragraphs,
 )
 from factpatch.models.hooks import StopForward, thread_hooks
@@ -122,7 +119,6 @@ def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
         weights = replay(handle, report, deltas, records, point["lam"], cov=cov)
         change = weights[-1] - base[path].double()
         load_weights(handle, {path: weights[-1]})
-        measured = measure_records(handle, records)
         line = {
             **point,
             "n_edits": len(records),
@@ -133,14 +129,8 @@ def main(run: str, data: str, batches: int, grid: list[dict]) -> None:
             "update_ratio_per_fact": float(
                 change.norm() / base[path].double().norm() / math.sqrt(len(records))
             ),
-            "paragraphs": len(held),
-            "perplexity": perplexity(handle, held),
             "unedited_perplexity": report["unedited_perplexity"],
-            **summarise(measured),
-            "by_batch": [
-                summarise(measured[b * report["batch"] : (b + 1) * report["batch"]])
-                for b in range(len(deltas))
-            ],
+            **measure_point(handle, records, report["batch"], held),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         load_weights(handle, base)

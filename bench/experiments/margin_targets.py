@@ -36,12 +36,9 @@ import torch
 
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.templates import context_templates
-from factpatch.evaluation.counterfact import summarise
-from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
+from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
-    measure_records,
-    perplexity,
     run_paragraphs,
     score_pairs,
 )
@@ -123,17 +120,13 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
         weights = replay(handle, report, deltas, records, lam, cov=cov, solve=control)
         change = weights[-1] - weight0
         load_weights(handle, {path: weights[-1].float()})
-        measured = measure_records(handle, records)
         line = {
             **point,
             "lam": lam,
             "n_edits": len(records),
             "wear": float(torch.trace(change @ cov @ change.T)),
-            "paragraphs": len(held),
-            "perplexity": perplexity(handle, held),
             "unedited_perplexity": report["unedited_perplexity"],
-            **summarise(measured),
-            "by_batch": [summarise(measured[i * batch : (i + 1) * batch]) for i in range(batches)],
+            **measure_point(handle, records, batch, held),
             "controller": control.log,
             "s_mean_all": statistics.fmean(x["s_mean"] for x in control.log),
             "seconds": round(time.perf_counter() - t0, 1),

@@ -139,6 +139,20 @@ def replay(
     return out
 
 
+def measure_point(
+    handle: ModelHandle, records: list[dict[str, Any]], batch: int, held: list[str]
+) -> dict[str, Any]:
+    """The model as loaded now, scored as a replay line reports it: perplexity on ``held``,
+    ES / PS / NS over ``records`` and per batch of ``batch`` records, oldest first."""
+    measured = measure_records(handle, records)
+    return {
+        "paragraphs": len(held),
+        "perplexity": perplexity(handle, held),
+        **summarise(measured),
+        "by_batch": [summarise(measured[b : b + batch]) for b in range(0, len(records), batch)],
+    }
+
+
 def run_covariance(
     handle: ModelHandle, report: dict[str, Any], n_tokens: int | None = None
 ) -> torch.Tensor:
@@ -197,14 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 / base[path].double().norm()
                 / math.sqrt(len(records))
             ),
-            "paragraphs": len(held),
-            "perplexity": perplexity(handle, held),
             "unedited_perplexity": unedited,
-            **summarise(measured := measure_records(handle, records)),
-            "by_batch": [
-                summarise(measured[b * report["batch"] : (b + 1) * report["batch"]])
-                for b in range(len(deltas))
-            ],
+            **measure_point(handle, records, report["batch"], held),
             "seconds": time.perf_counter() - t0,
         }
         load_weights(handle, base)
