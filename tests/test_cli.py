@@ -116,6 +116,7 @@ def test_eval_counterfact_json(folder, capsys):
         (["--target", " "], "target:"),
         (["--set", "bogus=1"], "unknown hyperparameters"),
         (["--set", "key_mode=sideways"], "key_mode"),
+        (["--set", "templates=[[10,0]]"], "templates:"),
         (["--layer", "40"], "layer:"),
     ],
 )
@@ -133,7 +134,7 @@ def test_bad_input_exits_2_and_names_the_field(folder, capsys, argv, message):
             flat += [key, value]
     if "--set" in extra:
         flat += ["--set", extra["--set"]]
-    assert main(["edit", *flat, *FAST]) == 2
+    assert main(["edit", *FAST, *flat]) == 2  # flat last: its --set wins over FAST's
     assert message in capsys.readouterr().err
 
 

@@ -574,3 +574,12 @@ def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_
     args = [str(tmp_path / "progress.json"), "--perplexity", str(tmp_path / "ppl.jsonl")]
     assert plot_main([*args, "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("spec", [[[0, 3]], [[5, -1]], [[5]], [[5, 2.5]]])
+def test_context_template_specs_are_checked(memit_hparams, spec):
+    """A template spec is ``[prefix tokens, count]`` pairs, both at least 1, for the contexts the
+    targets are optimised over and for those whose keys the solve fits."""
+    for name in ("templates", "key_templates"):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            memit_hparams.with_overrides(**{name: spec})

@@ -33,8 +33,7 @@ class RomeHParams:
     def __post_init__(self) -> None:
         if self.key_mode not in ("averaged", "original"):
             raise ValueError("key_mode: choose 'averaged' or 'original'")
-        if self.steps < 0 or self.lr <= 0 or self.cov_tokens <= 0:
-            raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
+        _check_optimisation(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,6 +44,17 @@ class RomeHParams:
         if unknown:
             raise ValueError(f"unknown hyperparameters: {sorted(unknown)}")
         return replace(self, **overrides)
+
+
+def _check_optimisation(hp: RomeHParams | MemitHParams) -> None:
+    """The checks ROME's and MEMIT's settings share: the target optimisation's and the context
+    templates' (each ``(prefix tokens, count)`` with both at least 1)."""
+    if hp.steps < 0 or hp.lr <= 0 or hp.cov_tokens <= 0:
+        raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
+    for name in ("templates", "key_templates"):
+        for entry in getattr(hp, name, ()):
+            if len(entry) != 2 or not all(isinstance(n, int) and n >= 1 for n in entry):
+                raise ValueError(f"{name}: each entry is [prefix tokens, count], both >= 1")
 
 
 def recorded_settings(kind: type, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +121,7 @@ class MemitHParams:
         layers = tuple(self.layers)
         if not layers or list(layers) != sorted(set(layers)):
             raise ValueError("layers: a non-empty, strictly increasing list of layer indices")
-        if self.steps < 0 or self.lr <= 0 or self.cov_tokens <= 0:
-            raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
+        _check_optimisation(self)
         if min(self.mom2_update_weight, self.nullspace_threshold, self.prior_weight) < 0:
             raise ValueError("mom2_update_weight, nullspace_threshold, prior_weight must be >= 0")
         if self.nullspace_l2 <= 0:
