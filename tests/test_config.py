@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from factpatch.config import Settings, add_options, markdown_table
+from factpatch.config import OPTIONS, Settings, add_options, markdown_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 
@@ -36,3 +37,12 @@ def test_hparams_json_is_checked():
         Settings(hparams="{layer").hparam_overrides()
     with pytest.raises(ValueError, match=r"^hparams: must be a JSON object"):
         Settings(hparams="[1]").hparam_overrides()
+
+
+def test_settings_and_the_table_agree():
+    """Settings repeats the table's defaults so that code constructing it is typed; they must
+    not drift apart (``tour`` is the one field the ``up`` command sets without a table entry)."""
+    defaults = {f.name: f.default for f in fields(Settings)}
+    assert set(defaults) - {"tour"} == {o.dest for o in OPTIONS}
+    for option in OPTIONS:
+        assert defaults[option.dest] == option.default, option.name
