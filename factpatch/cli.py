@@ -197,6 +197,7 @@ def _cmd_eval_sequential(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         max_batches=args.max_batches,
         progress=not args.quiet,
+        gate=args.gate,
     )
     report.update(model=handle.name, data=args.data)
     if args.out:
@@ -253,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--batch", type=int, metavar="B", help="edits per batch (default: N)")
     cf.add_argument("--checkpoint", metavar="DIR", help="save/resume a sequential run here")
     cf.add_argument("--max-batches", type=int, help="stop after this many batches (resumable)")
+    cf.add_argument(
+        "--gate",
+        type=float,
+        metavar="TAU",
+        help="with --sequential: measure as served with key-gated edits (editing/gate.py)",
+    )
     cf.set_defaults(func=cmd_eval)
 
     from factpatch.ledger.cli import add_ledger_parser

@@ -20,6 +20,10 @@ Methods: ``rome`` (plain ROME, one edit after another on the edited model; a bat
 checkpoint), ``memit`` and ``alphaedit`` (one delta per batch, given the deltas before it,
 as a worker computes it on a ledger version: :func:`factpatch.editing.memit.compute_batch`).
 
+With ``gate`` τ every measurement is of the model as served with key-gated edits
+(:mod:`factpatch.editing.gate`: the base weights plus ``g(k)·ΔW k`` at the edited layers); the
+deltas are computed as always, on ``base + Σ deltas``.
+
 Runs can be split: with ``checkpoint`` set, every batch's delta (and the curve so far) is
 saved, and a later call with the same folder continues from there.  The base
 weights are restored bit-for-bit at the end of every call (checked against the weights hash).
@@ -34,6 +38,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,7 @@ from factpatch.editing import (
     materialize,
 )
 from factpatch.editing.covariance import layer_covariances
+from factpatch.editing.gate import gated
 from factpatch.editing.hparams import recorded_settings
 from factpatch.editing.memit import compute_batch
 from factpatch.editing.prompts import continuation, pad_batch
@@ -295,8 +301,10 @@ def evaluate_sequential(
     fluency_tokens: int = 40,
     ppl_paragraphs: int = PPL_PARAGRAPHS,
     progress: bool = True,
+    gate: float | None = None,
 ) -> dict[str, Any]:
-    """Edit ``records`` cumulatively in batches of ``batch``; the JSON-ready report.
+    """Edit ``records`` cumulatively in batches of ``batch``; the JSON-ready report; with
+    ``gate`` τ, measured as served through key gates (module docstring).
 
     With ``checkpoint``, resumes from (and saves to) that folder, and ``max_batches`` limits the
     batches done in this call; ``report["complete"]`` says whether all records are edited."""
@@ -315,7 +323,8 @@ def evaluate_sequential(
     # Statistics and templates come from the base model, before any edit.
     t0 = time.perf_counter()
     context_templates(handle, [tuple(t) for t in hparams.templates], hparams.template_seed)
-    layer_covariances(handle, layers, hparams.cov_tokens, corpus)
+    stats = layer_covariances(handle, layers, hparams.cov_tokens, corpus)
+    covariances = {handle.adapter.rewrite_path(j): stats[j].cov for j in layers}
     setup_seconds = time.perf_counter() - t0
 
     progress_file = folder / "progress.json" if folder else None
@@ -331,13 +340,26 @@ def evaluate_sequential(
                 f"checkpoint: {folder} was run with other hyperparameters ({', '.join(differ)}): "
                 "resuming would mix settings"
             )
+        if report.get("gate_threshold") != gate:
+            raise ValueError(
+                f"checkpoint: {folder} was measured with gate {report.get('gate_threshold')}, "
+                f"not {gate}: resuming would mix two ways of serving"
+            )
     else:
         report = {"method": method, "n_edits_planned": len(records), "batch": batch}
+        if gate is not None:
+            report["gate_threshold"] = gate
     deltas = checkpoint_deltas(folder) if folder else []
 
     def apply(new: list[Delta]) -> None:
         deltas.extend(new)
         load_weights(handle, materialize(handle, base, deltas))
+
+    def served() -> AbstractContextManager[Any]:
+        """The model as measured: as it is, or with the deltas behind key gates."""
+        if gate is None or not deltas:
+            return nullcontext()
+        return gated(handle, base, deltas, covariances, gate)
 
     if "perplexity_paragraphs" in report:  # a resumed run keeps the set it started with
         ppl_paragraphs = run_paragraphs(report)
@@ -382,16 +404,19 @@ def evaluate_sequential(
             done += len(chunk)
             batches += 1
             t0 = time.perf_counter()
-            after = measure_records(handle, records[:done])
+            with served():
+                after = measure_records(handle, records[:done])
+                # The model's wear along the curve, not only at the end.
+                ppl = perplexity(handle, held)
+                entropy = fluency(handle, fl_prompts, fluency_tokens)["ngram_entropy"]
             point = {
                 "n_edits": done,
                 **summarise(after),
                 "unedited_neighborhood": summarise(report["unedited_records"][:done])[
                     "neighborhood"
                 ],
-                # The model's wear along the curve, not only at the end.
-                "perplexity": perplexity(handle, held),
-                "fluency": fluency(handle, fl_prompts, fluency_tokens)["ngram_entropy"],
+                "perplexity": ppl,
+                "fluency": entropy,
                 "edit_seconds": edit_seconds,
                 "refused": len(report["refused"]),
             }
@@ -415,12 +440,12 @@ def evaluate_sequential(
         report["complete"] = done >= len(records)
         if report["complete"] and "fluency" not in report:
             t0 = time.perf_counter()
-            final = measure_records(handle, records)
-            report.update(
-                final_records=final,
-                fluency=fluency(handle, fl_prompts, fluency_tokens),
-                perplexity=perplexity(handle, held),
-            )
+            with served():
+                report.update(
+                    final_records=measure_records(handle, records),
+                    fluency=fluency(handle, fl_prompts, fluency_tokens),
+                    perplexity=perplexity(handle, held),
+                )
             report["seconds"]["measure"] += time.perf_counter() - t0
             if folder:
                 _write_progress(folder, report)
