@@ -54,6 +54,13 @@ OPTIONS: tuple[Option, ...] = (
         "longest a Generate/ModelInfer may run (s)",
         ("server", "up"),
     ),
+    Option(
+        "gate",
+        float,
+        None,
+        "serve edits behind key gates of this threshold, e.g. 0.5 (unset: in the weights)",
+        ("server", "up"),
+    ),
     Option("tokens-file", str, None, "JSON list of {name, sha256, scopes}", ("server", "up")),
     Option(
         "insecure-no-auth",
@@ -112,6 +119,7 @@ class Settings:
     max_batch: int = 8
     max_streams_per_client: int = 8
     request_deadline: float = 300.0
+    gate: float | None = None
     tokens_file: str | None = None
     insecure_no_auth: bool = False
     tls_cert: str | None = None

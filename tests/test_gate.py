@@ -115,3 +115,41 @@ def test_a_sequential_run_measured_through_an_open_gate_matches_the_ungated_one(
     for a, b in zip(through["curve"], again["curve"], strict=True):
         for key in ("n_edits", "efficacy", "paraphrase", "neighborhood", "perplexity", "fluency"):
             assert a[key] == b[key], key
+
+
+def test_a_gated_replica_serves_the_ledger_behind_gates_and_rolls_back_exactly(
+    tiny_llama, tiny_hparams, ledger
+):
+    """Two replicas follow one ledger, one in the weights and one behind key gates (τ 0.4): the
+    gated one keeps its base tensors, its edits take effect, a text far from them is answered
+    as by the unedited model, and after a rollback every output is the unedited model's."""
+    import math
+
+    from factpatch.runtime import Replica, score
+    from tests.test_runtime import rome_edits, twin
+
+    served = twin(tiny_llama)
+    base_hash = weights_hash(served.model)
+    prompt = "The Eiffel Tower is located in the city of"
+    unedited_far, unedited_prompt = logits(served, UNRELATED), logits(served, prompt)
+    writer = Replica(tiny_llama, ledger).start()
+    gated_replica = Replica(served, ledger, gate=0.4).start()
+    p_before = math.exp(score(gated_replica, prompt, " Rome").logprob)
+    rome_edits(writer, tiny_hparams, 2)
+    assert gated_replica.catch_up() == 2 and gated_replica.ready
+    assert weights_hash(served.model) == base_hash  # the edits live in the gates
+    assert math.exp(score(gated_replica, prompt, " Rome").logprob) > 1.3 * p_before
+    (path,) = gated_replica._slots
+    gate = gated_replica._slots[path].gate
+    scores: list[torch.Tensor] = []
+    probe = served.module(path).register_forward_hook(
+        lambda m, a, o: scores.append(gate.scores(a[0]))
+    )
+    far = logits(served, UNRELATED)
+    probe.remove()
+    assert float(torch.cat(scores, 1).max()) <= 0.4, "precondition: no key of the text passes"
+    assert torch.equal(far, unedited_far)
+    writer.rollback(0)
+    assert gated_replica.catch_up() == 3 and gated_replica._slots[path].gate is None
+    assert torch.equal(logits(served, prompt), unedited_prompt)
+    assert weights_hash(served.model) == base_hash

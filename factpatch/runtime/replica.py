@@ -15,6 +15,14 @@ Applying a version (``Replica.apply``):
 Because every version is materialised from the base, never by subtracting, any replica at
 version N holds bit-identical tensors, whatever path it took to N.
 
+A replica made with ``gate`` τ serves the same versions through key gates
+(:mod:`factpatch.editing.gate`): steps 1–3 are unchanged (the materialised tensors still prove
+the deltas are the ledger's), but step 4 keeps the base tensors live and swaps, under the same
+write lock, the gate each edited module's forward hook applies — ``g(k)·ΔW k`` with the
+version's active deltas — so a rollback is again exact: base tensors (checked against their
+hashes) and the gates of the older version's deltas.  Each edited layer's covariance C is the
+one its first delta was solved with (from the disk cache the worker filled, or computed once).
+
 A replica catches up on start (straight to the head) and then follows the ledger: it listens on
 the ledger's Redis channel and also checks the head every ``poll_interval`` seconds, so a missed
 message delays an update by at most that long and never loses it.
@@ -32,7 +40,9 @@ from typing import Any
 import redis
 import torch
 
+from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.delta import Delta, load_weights, materialize
+from factpatch.editing.gate import KeyGate
 from factpatch.ledger import Commit, Ledger, LedgerError, LedgerMismatchError, StaleHeadError
 from factpatch.models.loading import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime.rwlock import RWLock
@@ -43,10 +53,24 @@ log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 5
 
 
+class _GateSlot:
+    """A module's forward hook whose :class:`KeyGate` is swapped under the write lock
+    (None: the module's own output)."""
+
+    def __init__(self) -> None:
+        self.gate: KeyGate | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
+        return output if self.gate is None else self.gate(module, args, output)
+
+
 class Replica:
-    def __init__(self, handle: ModelHandle, ledger: Ledger) -> None:
+    def __init__(self, handle: ModelHandle, ledger: Ledger, gate: float | None = None) -> None:
         self.handle = handle
         self.ledger = ledger
+        self.gate = gate  # τ: serve edits behind key gates; None: in the weights
+        self._slots: dict[str, _GateSlot] = {}
+        self._covariances: dict[str, torch.Tensor] = {}
         self.lock = RWLock()
         self.version = 0
         self.fault: str | None = None
@@ -128,14 +152,23 @@ class Replica:
             bad = [p for p, h in record.hashes.items() if tensor_sha256(weights[p]) != h]
             if bad:
                 return self._refuse(number, f"materialised weights do not match hashes of {bad}")
+            expected = record.hashes
+            gates: dict[str, KeyGate] = {}
+            if self.gate is not None:
+                deltas = [self.delta(e) for e in record.edits]
+                gates = self._gates(deltas)
+                weights = {p: self.base[p] for p in weights}
+                expected = {p: tensor_sha256(self.base[p]) for p in record.hashes}
             t_ask = time.perf_counter()
             with self.lock.write():
                 t_held = time.perf_counter()
                 load_weights(self.handle, weights)
+                for path in set(self._slots) | set(gates):
+                    self._slot(path).gate = gates.get(path)
                 self.version = number
                 t_done = time.perf_counter()
             live = {p: tensor_sha256(self.handle.module(p).weight) for p in record.hashes}
-            if live != record.hashes:
+            if live != expected:
                 return self._refuse(number, "live weights do not match the ledger after the copy")
             self.fault = None
             self.applies.append((number, t_held - t_ask, t_done - t_held))
@@ -149,6 +182,31 @@ class Replica:
                 1e3 * (t_held - t_ask),
             )
             return True
+
+    def _gates(self, deltas: list[Delta]) -> dict[str, KeyGate]:
+        """The key gate of every module ``deltas`` change (``self.gate`` τ)."""
+        gates = {}
+        for path in sorted({p for d in deltas for p in d.factors}):
+            if path not in self._covariances:
+                first = next(d for d in deltas if path in d.factors)
+                layer = next(
+                    j
+                    for j in range(self.handle.n_layers)
+                    if self.handle.adapter.rewrite_path(j) == path
+                )
+                n_tokens = first.provenance["hparams"]["cov_tokens"]
+                stats = layer_covariances(self.handle, [layer], n_tokens)[layer]
+                self._covariances[path] = stats.cov
+            weight = self.handle.module(path).weight
+            gates[path] = KeyGate.build(deltas, path, self._covariances[path], self.gate, weight)
+        return gates
+
+    def _slot(self, path: str) -> _GateSlot:
+        """The gate hook of ``path``, registered on first use (write lock held)."""
+        if path not in self._slots:
+            self._slots[path] = _GateSlot()
+            self.handle.module(path).register_forward_hook(self._slots[path])
+        return self._slots[path]
 
     def _refuse(self, number: int, reason: str) -> bool:
         fault = f"version {number}: {reason}"

@@ -90,7 +90,7 @@ def build_server(
     max_workers: int = 16,
 ) -> Server:
     """A server for ``handle``; ``auth=None`` serves without tokens (tests, --insecure-no-auth)."""
-    frontend = Frontend(Replica(handle, ledger), ledger, queue, settings)
+    frontend = Frontend(Replica(handle, ledger, gate=settings.gate), ledger, queue, settings)
     metrics.watch_replica(frontend.replica)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),

@@ -295,6 +295,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             live_hashes=live,
             model=replica.handle.name,
             base_hash=replica.handle.base_hash,
+            gate=replica.gate,
         )
 
     @rpc
