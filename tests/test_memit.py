@@ -529,6 +529,12 @@ def test_plot_labels_tell_apart_runs_of_one_method():
     )
     assert labels(runs)[1] == "memit (clamp=0.5, μ=0)"
     assert labels(runs)[3] == "memit (clamp=0.5, μ=1)"
+    # the same run measured behind a key gate
+    runs.append({**runs[3], "gate_threshold": 0.5})
+    assert labels(runs)[3:] == [
+        "memit (clamp=0.5, gate τ=none, μ=1)",
+        "memit (clamp=0.5, gate τ=0.5, μ=1)",
+    ]
 
 
 def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_path):

@@ -34,6 +34,7 @@ SHORT = {  # hyperparameter names in legends
     "prior_weight": "μ",
     "nullspace_l2": "α",
     "nullspace_threshold": "threshold",
+    "gate_threshold": "gate τ",
 }
 
 
@@ -53,13 +54,17 @@ def labels(reports: list[dict]) -> list[str]:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "none"
     return f"{value:g}" if isinstance(value, float) else json.dumps(value)
 
 
 def _settings(report: dict) -> dict[str, Any]:
-    """A run's hyperparameters; one it does not record (added after it ran) at its default."""
+    """A run's hyperparameters (one it does not record, added after it ran, at its default) and
+    the key gate it was measured behind, if any."""
     kind = RomeHParams if report["method"] == "rome" else MemitHParams
-    return recorded_settings(kind, report.get("hparams", {}))
+    settings = recorded_settings(kind, report.get("hparams", {}))
+    return {**settings, "gate_threshold": report.get("gate_threshold")}
 
 
 def with_perplexity(report: dict, remeasured: dict) -> dict:

@@ -111,7 +111,15 @@ def remeasure_gated(
     held, _ = heldout_paragraphs(corpus, run_paragraphs(report))
     fl = report["unedited_fluency"]
     fl_prompts = [r["prompt"] for r in records[: fl["n_prompts"]]]
-    out: dict[str, Any] = {"run": str(folder), "gate_threshold": threshold, "curve": []}
+    out: dict[str, Any] = {  # a sequential report in its own right (plot.py draws it)
+        "run": str(folder),
+        "gate_threshold": threshold,
+        **{k: report[k] for k in ("method", "batch", "hparams", "layers", "unedited")},
+        "unedited_perplexity": report["unedited_perplexity"],
+        "perplexity_paragraphs": report["perplexity_paragraphs"],
+        "unedited_fluency": fl["ngram_entropy"],
+        "curve": [],
+    }
     for point in report.get("curve", []):
         n = point["n_edits"]
         if points is not None and n not in points:
