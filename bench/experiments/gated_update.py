@@ -18,7 +18,9 @@ With τ = −∞ it is the run's model.
     python bench/experiments/gated_update.py results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 '[{"gate": "key", "tau": 0.5}]'
 
-First line: the score's quantiles over held-back text tokens and over the edit, paraphrase and
+A point may set ``lam``: the run re-solved at that λ with its targets, then gated (the replay's
+approximation).  ``--no-quantiles`` after the grid skips the first pass.  First lines: the score's
+quantiles over held-back text tokens and over the edit, paraphrase and
 neighbourhood prompts (each prompt's largest score); then one JSON line per grid point, with the
 share of those text tokens the gate lets through.  Results: docs/evaluation.md.
 """
@@ -70,15 +72,24 @@ def scores_of(handle, gate: Gate, texts: list[str]) -> list[torch.Tensor]:
     return out
 
 
-def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
+def main(run: str, data: str, batches: int, grid: list[dict[str, Any]], quantiles: bool) -> None:
     report, deltas, records = open_run(run, data, batches)
     handle = load_model("gemma-3-270m", device=None, dtype="float32")
     layer, batch = report["layers"][0], report["batch"]
     path = handle.adapter.rewrite_path(layer)
     weight0 = base_weights(handle, [path])[path].double()
     cov = run_covariance(handle, report).double()
-    lam = float(report["hparams"]["mom2_update_weight"])
-    change = (replay(handle, report, deltas, records, lam, cov=cov)[-1] - weight0).float()
+    lam_run = float(report["hparams"]["mom2_update_weight"])
+    changes: dict[float, torch.Tensor] = {}
+
+    def change_at(lam: float) -> torch.Tensor:
+        """ΔW of the run re-solved at λ (the run's own λ: the run's update)."""
+        if lam not in changes:
+            weights = replay(handle, report, deltas, records, lam, cov=cov)[-1]
+            changes[lam] = (weights - weight0).float()
+        return changes[lam]
+
+    change = change_at(lam_run)
     evals, evecs = torch.linalg.eigh(cov)
     whiten = (evecs * evals.clamp_min(1e-12).rsqrt()).float()  # [in, in]: k ↦ kᵀ C^{-½}
     edited = torch.cat([d.keys[path].float() for d in deltas], 1).T @ whiten  # [N, in]
@@ -95,7 +106,7 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
     held, _ = heldout_paragraphs(None, run_paragraphs(report))
     module = handle.module(path)
     text_scores: dict[str, torch.Tensor] = {}
-    for name, fn in scores.items():
+    for name, fn in scores.items() if quantiles else ():
         gate = Gate(change, fn)
         hook = module.register_forward_hook(gate)
         text = torch.cat(scores_of(handle, gate, held[:32]))
@@ -112,7 +123,8 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
 
     for point in grid:
         t0 = time.perf_counter()
-        gate = Gate(change, scores[point["gate"]])
+        lam = float(point.get("lam", lam_run))
+        gate = Gate(change_at(lam), scores[point["gate"]])
         gate.tau = float(point["tau"])
         hook = module.register_forward_hook(gate)
         ppl_seen = measure_point(handle, records, batch, held)
@@ -120,7 +132,12 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
         line = {
             **point,
             "n_edits": len(records),
-            "text_through": float((text_scores[point["gate"]] > gate.tau).float().mean()),
+            "lam": lam,
+            "text_through": (
+                float((text_scores[point["gate"]] > gate.tau).float().mean())
+                if text_scores
+                else None
+            ),
             "unedited_perplexity": report["unedited_perplexity"],
             **ppl_seen,
             "seconds": round(time.perf_counter() - t0, 1),
@@ -130,4 +147,5 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
+    quantiles = sys.argv[5:] != ["--no-quantiles"]
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), quantiles)
