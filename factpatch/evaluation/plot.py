@@ -27,6 +27,7 @@ METRICS = (
     ("neighborhood", "Neighbourhood (NS)"),
 )
 COLOURS = {"rome": "tab:red", "memit": "tab:blue", "alphaedit": "tab:green"}
+GATED_COLOUR = "tab:purple"
 STYLES = ("-", "--", "-.", ":")  # runs of one method: same colour, one line style each
 SHORT = {  # hyperparameter names in legends
     "clamp_norm_factor": "clamp",
@@ -89,9 +90,16 @@ def with_perplexity(report: dict, remeasured: dict) -> dict:
 
 
 def _style(reports: list[dict], index: int) -> dict:
-    method = reports[index]["method"]
-    nth = sum(r["method"] == method for r in reports[:index])
-    return {"color": COLOURS.get(method), "ls": STYLES[nth % len(STYLES)]}
+    """One colour per method (runs measured behind a key gate: their own), one line style per
+    run of it."""
+
+    def group(report: dict) -> tuple[str, bool]:
+        return report["method"], report.get("gate_threshold") is not None
+
+    mine = group(reports[index])
+    nth = sum(group(r) == mine for r in reports[:index])
+    colour = GATED_COLOUR if mine[1] else COLOURS.get(mine[0])
+    return {"color": colour, "ls": STYLES[nth % len(STYLES)]}
 
 
 def plot(reports: list[dict], out: str, title: str) -> None:
