@@ -59,22 +59,22 @@ class KeyGate:
         cls,
         deltas: Sequence[Delta],
         path: str,
-        cov: torch.Tensor,
+        whiten: torch.Tensor,
         threshold: float,
         like: torch.Tensor,
     ) -> KeyGate:
-        """The gate of ``path`` for the active ``deltas`` (those that touch it), with C ``cov``;
-        tensors in the dtype and on the device of ``like`` (the module's weight)."""
+        """The gate of ``path`` for the active ``deltas`` (those that touch it), with
+        ``whiten`` = :func:`whitener` of the layer's C (a layer's C does not change between
+        versions: a replica computes it once); tensors in the dtype and on the device of
+        ``like`` (the module's weight)."""
         mine = [d for d in deltas if path in d.factors]
         if not mine:
             raise ValueError(f"deltas: none changes {path}")
-        missing = [d.provenance.get("method", "?") for d in mine if path not in d.keys]
+        missing = sum(path not in d.keys for d in mine)
         if missing:
-            raise ValueError(
-                f"deltas: {len(missing)} carry no keys for {path}; they cannot be gated"
-            )
+            raise ValueError(f"deltas: {missing} carry no keys for {path}; they cannot be gated")
         change = sum((d.dense(path).double() for d in mine), torch.zeros(()))  # [out, in]
-        whiten = whitener(cov.to(like.device))
+        whiten = whiten.double().to(like.device)
         keys = torch.cat([d.keys[path].double().to(like.device) for d in mine], 1).T @ whiten
         keys = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n, in]
         as_module = {"dtype": like.dtype, "device": like.device}
@@ -112,7 +112,8 @@ def gated(
         for path in paths:
             module = handle.module(path)
             weight = next(module.parameters())
-            gates[path] = KeyGate.build(deltas, path, covariances[path], threshold, weight)
+            whiten = whitener(covariances[path])
+            gates[path] = KeyGate.build(deltas, path, whiten, threshold, weight)
             hooks.append(module.register_forward_hook(gates[path]))
         yield gates
     finally:

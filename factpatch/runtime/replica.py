@@ -42,7 +42,7 @@ import torch
 
 from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.delta import Delta, load_weights, materialize
-from factpatch.editing.gate import KeyGate
+from factpatch.editing.gate import KeyGate, whitener
 from factpatch.ledger import Commit, Ledger, LedgerError, LedgerMismatchError, StaleHeadError
 from factpatch.models.loading import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime.rwlock import RWLock
@@ -70,7 +70,7 @@ class Replica:
         self.ledger = ledger
         self.gate = gate  # τ: serve edits behind key gates; None: in the weights
         self._slots: dict[str, _GateSlot] = {}
-        self._covariances: dict[str, torch.Tensor] = {}
+        self._whiteners: dict[str, torch.Tensor] = {}  # path -> whitener(C), computed once
         self.lock = RWLock()
         self.version = 0
         self.fault: str | None = None
@@ -187,7 +187,7 @@ class Replica:
         """The key gate of every module ``deltas`` change (``self.gate`` τ)."""
         gates = {}
         for path in sorted({p for d in deltas for p in d.factors}):
-            if path not in self._covariances:
+            if path not in self._whiteners:
                 first = next(d for d in deltas if path in d.factors)
                 layer = next(
                     j
@@ -196,9 +196,9 @@ class Replica:
                 )
                 n_tokens = first.provenance["hparams"]["cov_tokens"]
                 stats = layer_covariances(self.handle, [layer], n_tokens)[layer]
-                self._covariances[path] = stats.cov
+                self._whiteners[path] = whitener(stats.cov)
             weight = self.handle.module(path).weight
-            gates[path] = KeyGate.build(deltas, path, self._covariances[path], self.gate, weight)
+            gates[path] = KeyGate.build(deltas, path, self._whiteners[path], self.gate, weight)
         return gates
 
     def _slot(self, path: str) -> _GateSlot:
