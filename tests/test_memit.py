@@ -492,6 +492,26 @@ def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
     shifted = replay(tiny_llama, report, deltas, records, lam, cov=cov + (alpha / lam) * eye)
     torch.testing.assert_close(ridged[-1], shifted[-1])
     assert (ridged[0] - w0).norm() < (same[0] - w0).norm()
+    # scored as an experiment's replay line: the run's last point, and the weights put back
+    from factpatch.evaluation.memit_replay import scored_replay
+    from factpatch.evaluation.sequential import heldout_paragraphs, run_paragraphs
+
+    held, _ = heldout_paragraphs(None, run_paragraphs(report))
+    before = weights_hash(tiny_llama.model)
+    line = scored_replay(tiny_llama, report, deltas, records, held, base, lam, cov.double())
+    assert weights_hash(tiny_llama.model) == before
+    last = report["curve"][-1]
+    assert line["perplexity"] == pytest.approx(last["perplexity"], rel=1e-5)
+    assert [line[k] for k in ("efficacy", "paraphrase", "neighborhood")] == [
+        last[k] for k in ("efficacy", "paraphrase", "neighborhood")
+    ]
+    change = recorded_w - w0
+    assert line["wear"] == pytest.approx(
+        float(torch.trace(change @ cov.double() @ change.T)), rel=1e-3
+    )
+    assert line["perplexity_change"] == pytest.approx(
+        line["perplexity"] / report["unedited_perplexity"] - 1
+    )
 
 
 def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from factpatch.editing import base_weights, load_weights
-from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
+from factpatch.editing import base_weights
+from factpatch.evaluation.memit_replay import open_run, run_covariance, scored_replay
 from factpatch.evaluation.sequential import heldout_paragraphs, run_paragraphs
 from factpatch.models.loading import load_model
 
@@ -53,10 +53,9 @@ class CommonShrunk:
 def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
     report, deltas, records = open_run(run, data, batches)
     handle = load_model("gemma-3-270m", device=None, dtype="float32")
-    layer, batch = report["layers"][0], report["batch"]
+    layer = report["layers"][0]
     path = handle.adapter.rewrite_path(layer)
     base = base_weights(handle, [path])
-    weight0 = base[path].double()
     cov = run_covariance(handle, report).double()
     recorded = torch.cat([d.factors[path][0].double() for d in deltas], 1)  # R [out, N]
     held, _ = heldout_paragraphs(None, run_paragraphs(report))
@@ -66,21 +65,12 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
         lam = float(point.get("lam", lam_run))
         fixed = recorded.mean(1) if point.get("direction", "batch") == "run" else None
         solve = CommonShrunk(cov, lam, float(point["alpha"]), fixed)
-        weights = replay(handle, report, deltas, records, lam, cov=cov, solve=solve)
-        change = weights[-1] - weight0
-        load_weights(handle, {path: weights[-1].float()})
         line = {
             **point,
-            "lam": lam,
-            "n_edits": len(records),
+            **scored_replay(handle, report, deltas, records, held, base, lam, cov, solve),
             "common_share_by_batch": [round(s, 4) for s in solve.shares],
-            "wear": float(torch.trace(change @ cov @ change.T)),
-            "unedited_perplexity": report["unedited_perplexity"],
-            **measure_point(handle, records, batch, held),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        line["perplexity_change"] = line["perplexity"] / line["unedited_perplexity"] - 1
-        load_weights(handle, base)
         print(json.dumps(line), flush=True)
 
 

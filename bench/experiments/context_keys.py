@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from factpatch.editing import base_weights, load_weights
+from factpatch.editing import base_weights
 from factpatch.editing.memit import _Rows, _trace
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for
-from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
+from factpatch.evaluation.memit_replay import open_run, run_covariance, scored_replay
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     run_paragraphs,
@@ -69,7 +69,6 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
     layer, batch = report["layers"][0], report["batch"]
     path = handle.adapter.rewrite_path(layer)
     base = base_weights(handle, [path])
-    weight0 = base[path].double()
     cov = run_covariance(handle, report).double()
     hp = report["hparams"]
     templates = context_templates(handle, [tuple(t) for t in hp["templates"]], hp["template_seed"])
@@ -104,20 +103,11 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
         lam = float(point.get("lam", lam_run))
         spreads = spreads_for(point.get("spread_templates"))
         solve = ContextSolve(spreads, cov, lam, prior, point["omega"])
-        weights = replay(handle, report, deltas, records, lam, cov=cov, solve=solve)
-        change = weights[-1] - weight0
-        load_weights(handle, {path: weights[-1].float()})
         line = {
             **point,
-            "lam": lam,
-            "n_edits": len(records),
-            "wear": float(torch.trace(change @ cov @ change.T)),
-            "unedited_perplexity": report["unedited_perplexity"],
-            **measure_point(handle, records, batch, held),
+            **scored_replay(handle, report, deltas, records, held, base, lam, cov, solve),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        line["perplexity_change"] = line["perplexity"] / line["unedited_perplexity"] - 1
-        load_weights(handle, base)
         print(json.dumps(line), flush=True)
 
 

@@ -36,7 +36,7 @@ import torch
 
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.templates import context_templates
-from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
+from factpatch.evaluation.memit_replay import open_run, run_covariance, scored_replay
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     run_paragraphs,
@@ -117,23 +117,14 @@ def main(run: str, data: str, batches: int, grid: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()
         lam = float(point.get("lam", lam_run))
         control = Controller(handle, path, weight0, cov, records, batch, templates, lam, point)
-        weights = replay(handle, report, deltas, records, lam, cov=cov, solve=control)
-        change = weights[-1] - weight0
-        load_weights(handle, {path: weights[-1].float()})
         line = {
             **point,
-            "lam": lam,
-            "n_edits": len(records),
-            "wear": float(torch.trace(change @ cov @ change.T)),
-            "unedited_perplexity": report["unedited_perplexity"],
-            **measure_point(handle, records, batch, held),
+            **scored_replay(handle, report, deltas, records, held, base, lam, cov, control),
             "controller": control.log,
             "s_mean_all": statistics.fmean(x["s_mean"] for x in control.log),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        line["perplexity_change"] = line["perplexity"] / line["unedited_perplexity"] - 1
         assert math.isfinite(line["perplexity"])
-        load_weights(handle, base)
         print(json.dumps(line), flush=True)
 
 

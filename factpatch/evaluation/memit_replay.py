@@ -153,6 +153,39 @@ def measure_point(
     }
 
 
+def scored_replay(
+    handle: ModelHandle,
+    report: dict[str, Any],
+    deltas: list[Delta],
+    records: list[dict[str, Any]],
+    held: list[str],
+    base: dict[str, torch.Tensor],
+    lam: float,
+    cov: torch.Tensor,
+    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """:func:`replay` at ``lam`` with ``cov`` (and ``solve``), scored as an experiment's replay
+    line: λ, the wear tr(ΔW C ΔWᵀ) of the final change, :func:`measure_point` and the
+    perplexity's relative change; ``base`` (the edited layer's unedited weight, as
+    :func:`base_weights` returns it) is loaded back at the end."""
+    ((path, weight0),) = base.items()
+    weights = replay(handle, report, deltas, records, lam, cov=cov, solve=solve)
+    change = weights[-1] - weight0.double()
+    load_weights(handle, {path: weights[-1].float()})
+    try:
+        line = {
+            "lam": lam,
+            "n_edits": len(records),
+            "wear": float(torch.trace(change @ cov @ change.T)),
+            "unedited_perplexity": report["unedited_perplexity"],
+            **measure_point(handle, records, report["batch"], held),
+        }
+    finally:
+        load_weights(handle, base)
+    line["perplexity_change"] = line["perplexity"] / line["unedited_perplexity"] - 1
+    return line
+
+
 def run_covariance(
     handle: ModelHandle, report: dict[str, Any], n_tokens: int | None = None
 ) -> torch.Tensor:
