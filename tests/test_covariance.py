@@ -91,3 +91,41 @@ def test_corpus_formats(tmp_path):
         load_corpus(str(tmp_path / "missing.txt"))
     wiki = load_corpus()
     assert len(wiki.texts) > 9000 and wiki.name == "wikipedia-en-summaries"
+
+
+def test_statistics_read_a_seeded_random_sample():
+    """Not the title-sorted corpus's first corner: a seeded shuffle, the held-out tail left out
+    (perplexity is measured there), the same order on every call."""
+    from factpatch.corpus import HELD_OUT, Corpus, statistics_sample
+
+    texts = tuple(f"paragraph {i}" for i in range(3 * HELD_OUT))
+    corpus = Corpus("numbered", texts)
+    sample = statistics_sample(corpus)
+    assert sorted(sample) == sorted(texts[:-HELD_OUT])
+    assert sample[:50] != list(texts[:50])
+    assert statistics_sample(corpus) == sample and statistics_sample(corpus, seed=1) != sample
+    small = Corpus("small", texts[:10])  # too small to hold anything back: all of it, shuffled
+    assert sorted(statistics_sample(small)) == sorted(small.texts)
+
+
+def test_covariance_follows_the_sample_order(tiny_llama, corpus_file):
+    """With fewer tokens than the corpus holds, C is the mean over the first paragraphs of the
+    seeded sample, not of the file's order."""
+    from factpatch.corpus import statistics_sample
+
+    layer, keys = 1, []
+    texts = statistics_sample(load_corpus(corpus_file))
+    assert texts[:2] != TEXTS[:2]  # so that the file's order would give another C
+    handle = tiny_llama.rewrite_module(layer).register_forward_pre_hook(
+        lambda _m, args: keys.append(args[0][0])
+    )
+    try:
+        with torch.no_grad():
+            for text in texts[:2]:
+                ids = tiny_llama.tokenizer([text], return_tensors="pt")["input_ids"]
+                tiny_llama.model(input_ids=ids)
+    finally:
+        handle.remove()
+    k = torch.cat(keys).double()
+    stats = layer_covariances(tiny_llama, [layer], n_tokens=k.shape[0], corpus=corpus_file)[layer]
+    torch.testing.assert_close(stats.cov, k.T @ k / k.shape[0], rtol=1e-5, atol=1e-7)

@@ -2,9 +2,12 @@
 
 Keys are collected at every non-padding token of natural text, with a forward pass that stops
 right after the deepest layer asked for (never reaching the LM head), and accumulated as
-``Σ kᵢ kᵢᵀ`` in float64, batch by batch in corpus order.  C is the uncentred mean.  Results are
-cached on disk under a key made of the model weights hash, the layer, the corpus hash, the token
-count and the sequence length; the provenance is stored beside the matrix.
+``Σ kᵢ kᵢᵀ`` in float64, batch by batch, the paragraphs in a seeded random order
+(:func:`factpatch.corpus.statistics_sample`: a random sample of the corpus, as the reference
+code draws it; a title-sorted corpus read from the start would be one alphabetical corner).
+C is the uncentred mean.  Results are cached on disk under a key made of the model weights hash,
+the layer, the corpus hash, the token count and the sequence length; the provenance is stored
+beside the matrix.
 
 Solves use a Cholesky factorisation of C (never an explicit inverse), cached per model and
 layer.  If C is not numerically positive definite (too few tokens for its dimension), a ridge
@@ -25,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from factpatch.corpus import Corpus, load_corpus
+from factpatch.corpus import Corpus, load_corpus, statistics_sample
 from factpatch.editing.prompts import pad_batch
 from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle
@@ -112,7 +115,7 @@ def layer_covariances(
 
 
 # Bump when the way statistics are gathered changes, so stale caches are not reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def _cache_path(handle: ModelHandle, layer: int, corpus: Corpus, n_tokens: int, max_len: int):
@@ -180,7 +183,8 @@ def _accumulate(
     count, started = 0, time.perf_counter()
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr)
     with thread_hooks(pre=[(modules[layer], capture(layer)) for layer in layers]):
-        for _ids, mask, take in read_text(handle, corpus.texts, n_tokens, max_len, batch_size):
+        texts = statistics_sample(corpus)
+        for _ids, mask, take in read_text(handle, texts, n_tokens, max_len, batch_size):
             for layer in layers:
                 batch_keys = keys[layer][mask][:take].to(torch.float64)  # [n, d_key]
                 sums[layer].addmm_(batch_keys.T, batch_keys)
@@ -202,7 +206,8 @@ def _accumulate(
             "n_tokens": count,
             "n_tokens_requested": n_tokens,
             "max_len": max_len,
-            "accumulation": "float64 sum of k kᵀ per batch, corpus order; divided by n_tokens",
+            "accumulation": "float64 sum of k kᵀ per batch; divided by n_tokens",
+            "order": "statistics_sample: seeded (0) random order, held-out tail excluded",
             "seconds": round(seconds, 2),
         }
         result[layer] = CovarianceStats((sums[layer] / count).cpu(), count, provenance)

@@ -13,7 +13,7 @@ first batch and after the last one it also measures
   4/3·H₃, averaged over n and then over texts; bits) from the edited facts' prompts, top-5
   sampling with a fixed seed;
 * **perplexity** on held-back Wikipedia paragraphs: the *last* paragraphs of the bundled corpus
-  in its sorted order, whereas the covariance statistics read it from the start (the run's JSON
+  in its sorted order, which covariance statistics never read (corpus.HELD_OUT; the run's JSON
   records the indices, and how many paragraphs the covariance read).
 
 Methods: ``rome`` (plain ROME, one edit after another on the edited model; a batch is just a
@@ -211,7 +211,7 @@ def run_paragraphs(report: dict[str, Any]) -> int:
 
 
 def heldout_paragraphs(corpus: str | None, n: int) -> tuple[list[str], list[int]]:
-    """The last ``n`` paragraphs of the corpus (the covariance reads it from the start)."""
+    """The last ``n`` paragraphs of the corpus (statistics never read the last HELD_OUT)."""
     texts = load_corpus(corpus).texts
     first = len(texts) - n
     return list(texts[first:]), list(range(first, len(texts)))
