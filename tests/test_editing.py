@@ -207,13 +207,13 @@ def test_most_probable_early_stopping_stops_at_the_first_step_that_makes_every_t
     # The subject ends the prompt and the target is one token: a random tiny model's later
     # positions barely feel δ, so only there can the target become the top token.
     request = EditRequest("Tourists come to see {}", "the Eiffel Tower in", "Paris")
-    hp = tiny_hparams.with_overrides(steps=60, early_stop_nll=0.0)
+    hp = tiny_hparams.with_overrides(steps=60, early_stop_loss=0.0)
     templates = context_templates(tiny_llama, list(hp.templates), 0)
     mpes = hp.with_overrides(early_stop_most_probable=True)
     *_, delta_vec, stats = _optimise(tiny_llama, request, mpes, templates, None)
     *_, _, full = _optimise(tiny_llama, request, hp, templates, None)
-    assert full.steps == 60 and 0 < stats.steps < 60
+    assert full.steps == 59 and 0 < stats.steps < 59  # 60 passes: at most 59 updates
     assert _targets_most_probable(tiny_llama, request, hp, templates, delta_vec)
-    earlier = hp.with_overrides(steps=stats.steps - 1)
+    earlier = hp.with_overrides(steps=stats.steps)  # one update fewer
     *_, before, _ = _optimise(tiny_llama, request, earlier, templates, None)
     assert not _targets_most_probable(tiny_llama, request, hp, templates, before)

@@ -19,7 +19,7 @@ from factpatch.store import EmbeddedRedis, connect
 from tests.procs import LISTENING, Proc
 from tests.test_service import PROMPT, TINY_HPARAMS
 
-SLOW = {**TINY_HPARAMS, "steps": 400, "early_stop_nll": 0.0}  # an edit that takes seconds
+SLOW = {**TINY_HPARAMS, "steps": 400, "early_stop_loss": 0.0}  # an edit that takes seconds
 
 
 def start_server(args: list[str], env: dict, procs: list[Proc]) -> Client:

@@ -63,7 +63,7 @@ def optimise(h, request, hp, templates, layers, clamps, mpes):
             picked = torch.cat(
                 [
                     hidden[batch.nll_rows, batch.nll_pos],
-                    hidden[batch.kl_row, batch.subject_pos[-1:]],
+                    hidden[batch.kl_rows, batch.kl_pos],
                 ]
             )
             lp = F.log_softmax(_head(h, picked).float(), -1)
@@ -74,7 +74,7 @@ def optimise(h, request, hp, templates, layers, clamps, mpes):
             decay = sum(hp.weight_decay * deltas[j].norm() / v_norm[j] ** 2 for j in layers)
             loss = nll + hp.kl_factor * kl + decay
             top = bool((lp[:-1].argmax(-1) == batch.nll_ids).all())
-            if step == hp.steps or float(nll.detach()) < hp.early_stop_nll or (mpes and top):
+            if step == hp.steps or float(nll.detach()) < hp.early_stop_loss or (mpes and top):
                 break
             grads = torch.autograd.grad(loss, list(deltas.values()))
             for d, g in zip(deltas.values(), grads, strict=True):

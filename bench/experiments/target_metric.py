@@ -88,7 +88,7 @@ def natural_optimise(h, request, hp, templates, M: torch.Tensor, M_inv: torch.Te
         for step in range(hp.steps + 1):
             hidden = _run_blocks(blocks, captured, range(hp.layer, h.n_layers))
             targets = hidden[batch.nll_rows, batch.nll_pos]
-            picked = torch.cat([targets, hidden[batch.kl_row, batch.subject_pos[-1:]]])
+            picked = torch.cat([targets, hidden[batch.kl_rows, batch.kl_pos]])
             lp = F.log_softmax(_head(h, picked).float(), -1)
             nll = (-lp[:-1].gather(1, batch.nll_ids[:, None]).squeeze(1) * batch.nll_weight).sum()
             if log_p_orig is None:
@@ -96,13 +96,13 @@ def natural_optimise(h, request, hp, templates, M: torch.Tensor, M_inv: torch.Te
             kl = F.kl_div(lp[-1], log_p_orig, log_target=True, reduction="sum")
             loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / v.norm() ** 2
             nll_end = float(nll.detach())
-            if step == hp.steps or nll_end < hp.early_stop_nll:
+            if step == hp.steps or nll_end < hp.early_stop_loss:
                 break
             (grad,) = torch.autograd.grad(loss, [delta])
             with torch.no_grad():
                 direction = M_inv @ grad  # −M⁻¹∇: steepest in M
                 slope = float(m_norm(direction))  # loss drop per unit M-length
-                size = min(hp.lr * radius, max(nll_end - hp.early_stop_nll / 2, 0) / slope)
+                size = min(hp.lr * radius, max(nll_end - hp.early_stop_loss / 2, 0) / slope)
                 delta -= size * direction / slope
                 if m_norm(delta) > radius:
                     delta *= radius / m_norm(delta)
@@ -130,7 +130,7 @@ def main() -> None:
             delta, nll, steps = natural_optimise(h, request, hp, templates, M, M_inv)
             row[str(lr)] = {"norm": round(float(delta.norm()), 3), "nll": round(nll, 4),
                             "gGg": round(float(delta @ G @ delta), 4), "steps": steps}  # fmt: skip
-            if nll < hp.early_stop_nll:
+            if nll < hp.early_stop_loss:
                 ratios[lr].append(row[str(lr)]["gGg"] / row["reference"]["gGg"])
         print(json.dumps(row), flush=True)
     print(json.dumps({lr: {"reached": len(r), "median_gGg_ratio": statistics.median(r) if r

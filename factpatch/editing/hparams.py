@@ -14,15 +14,20 @@ from factpatch.models.loading import ModelHandle
 @dataclass(frozen=True)
 class RomeHParams:
     layer: int
-    steps: int = 20
+    steps: int = 20  # forward passes of the target optimisation (≤ steps − 1 updates)
     lr: float = 0.5
     weight_decay: float = 0.5
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
-    early_stop_nll: float = 0.05  # stop once the target's mean NLL is below this
+    early_stop_loss: float = 0.05  # stop once the total loss is below this (reference code)
     # …or, when set, once every target token is the most probable one at its position in every
     # prompt (MPES, Gupta et al. 2025, arXiv 2502.01636)
     early_stop_most_probable: bool = False
+    # Keep the unedited model's text around the edit (0, 0: the paper's loss; rome.py): the
+    # KL covers this many tokens of its description of the subject ("{} is a" …) and of its
+    # continuation after "prompt + new target".
+    essence_tokens: int = 0
+    continuation_tokens: int = 0
     templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (prefix tokens, count)
     template_seed: int = 0
     cov_tokens: int = 100_000
@@ -51,6 +56,8 @@ def _check_optimisation(hp: RomeHParams | MemitHParams) -> None:
     templates' (each ``(prefix tokens, count)`` with both at least 1)."""
     if hp.steps < 0 or hp.lr <= 0 or hp.cov_tokens <= 0:
         raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
+    if hp.essence_tokens < 0 or hp.continuation_tokens < 0:
+        raise ValueError("essence_tokens and continuation_tokens must be >= 0")
     for name in ("templates", "key_templates"):
         for entry in getattr(hp, name, ()):
             if len(entry) != 2 or not all(isinstance(n, int) and n >= 1 for n in entry):
@@ -104,8 +111,10 @@ class MemitHParams:
     weight_decay: float = 0.5
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
-    early_stop_nll: float = 0.05
+    early_stop_loss: float = 0.05
     early_stop_most_probable: bool = False
+    essence_tokens: int = 0
+    continuation_tokens: int = 0
     templates: tuple[tuple[int, int], ...] = ((10, 5),)
     template_seed: int = 0
     cov_tokens: int = 100_000
@@ -146,8 +155,10 @@ class MemitHParams:
             weight_decay=self.weight_decay,
             kl_factor=self.kl_factor,
             clamp_norm_factor=self.clamp_norm_factor,
-            early_stop_nll=self.early_stop_nll,
+            early_stop_loss=self.early_stop_loss,
             early_stop_most_probable=self.early_stop_most_probable,
+            essence_tokens=self.essence_tokens,
+            continuation_tokens=self.continuation_tokens,
             templates=self.templates,
             template_seed=self.template_seed,
             cov_tokens=self.cov_tokens,

@@ -8,13 +8,25 @@ The MLP output projection W at one layer is read as a key→value memory.  An ed
    the model assigns the new target high probability (sec. 3.1, eq. 4):
 
        L(δ) = mean NLL(target | prefix + prompt)                                (rewrite)
-            + kl_factor · KL(P_orig ‖ P_δ) at the subject's last token of "{s} is a"  (essence)
+            + kl_factor · KL(P_δ ‖ P_orig) at the subject's last token of "{s} is a"  (essence)
             + weight_decay · ‖δ‖ / ‖v_init‖²                                    (reference form)
 
-   with Adam, ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after every step, stopping early once the NLL
-   is below ``early_stop_nll`` or, with ``early_stop_most_probable``, once every target token is
-   the most probable token at its position in every prefixed prompt (most-probable early
-   stopping, MPES: Gupta et al. 2025, arXiv 2502.01636);
+   with Adam; ``steps`` forward passes and at most ``steps − 1`` updates, ‖δ‖ ≤
+   clamp_norm_factor · ‖v_init‖ after every update, stopping early once the total loss is below
+   ``early_stop_loss`` (as the reference code does) or, with ``early_stop_most_probable``, once
+   every target token is the most probable token at its position in every prefixed prompt
+   (most-probable early stopping, MPES: Gupta et al. 2025, arXiv 2502.01636).
+
+   Two extensions keep the text *around* the edit as the unedited model writes it (both off
+   gives the paper's loss exactly; see docs/evaluation.md, "Text after an edit"):
+   ``essence_tokens`` > 0 extends the essence term from the one position to the unedited
+   model's own greedy description of the subject ("{s} is a" + that many tokens): the KL is
+   averaged over every position from the subject's last token on, so δ cannot rewrite what the
+   model says the subject is (who, when, where) beyond the edited relation;
+   ``continuation_tokens`` > 0 adds the mean KL(P_δ ‖ P_orig) over the unedited model's greedy
+   continuation of "prompt + new target" (in every prefixed prompt): what follows the new
+   object must read as the unedited model would write it after that object, so the edit cannot
+   leave later positions in a state no text produces (the `<start_of_image>` loops).
 3. inserts the pair (k̄, v* = W k̄ + δ) with the covariance-weighted rank-one update (eq. 2)
 
        ΔW = (v* − W k̄) (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄) = δ (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄).
@@ -141,6 +153,17 @@ def compute_edit(
     return Delta(factors, provenance, keys={path: torch.stack(keys, 1).cpu()})
 
 
+def _adds(prior: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    """A forward hook adding the rank-one terms ``left rightᵀ`` to the module's output."""
+    left, right = prior
+
+    def hook(_module, args, output):
+        key = args[0].float()  # [..., in]
+        return output + ((key @ right.to(key.device)) @ left.to(key.device).T).to(output.dtype)
+
+    return hook
+
+
 def _guard(
     request: EditRequest, hp: RomeHParams, stats: EditStats, left: torch.Tensor, u: torch.Tensor
 ) -> None:
@@ -169,37 +192,89 @@ class _Batch:
     nll_pos: torch.Tensor  # [P] position that predicts it
     nll_ids: torch.Tensor  # [P] the target token
     nll_weight: torch.Tensor  # [P] 1 / (rows · that row's target length): mean over rows
-    kl_row: int
+    kl_rows: torch.Tensor  # [Q] row of each position whose distribution is kept
+    kl_pos: torch.Tensor  # [Q] the position
+    kl_weight: torch.Tensor  # [Q] weights summing to 1 per term (essence, continuation)
 
 
-def _build_batch(handle: ModelHandle, request: EditRequest, templates: list[str]) -> _Batch:
+def _build_batch(
+    handle: ModelHandle,
+    request: EditRequest,
+    templates: list[str],
+    essence: list[int] | None = None,
+    continuation: list[int] | None = None,
+) -> _Batch:
+    """Rows: every prefixed rewrite prompt + `` target`` (+ the continuation ids), then the
+    essence prompt (+ the description ids).  ``None``: the paper's loss (no extension)."""
     tok = handle.tokenizer
     rows, subject_pos = [], []
     nll_rows, nll_pos, nll_ids, nll_weight = [], [], [], []
+    kl_rows, kl_pos, kl_weight = [], [], []
     for row, template in enumerate(templates):
         enc = encode(tok, template.replace("{}", request.prompt), request.subject, request.target)
         targets = enc.target_ids
-        rows.append(enc.ids[:-1])  # the last target token is predicted, never fed
         subject_pos.append(enc.subject_last)
         for j, target_id in enumerate(targets):
             nll_rows.append(row)
             nll_pos.append(enc.n_prompt - 1 + j)
             nll_ids.append(target_id)
             nll_weight.append(1.0 / (len(templates) * len(targets)))
-    essence = encode(tok, ESSENCE_PROMPT, request.subject)
-    rows.append(essence.ids)
-    subject_pos.append(essence.subject_last)
+        if continuation:  # keep P(next) at the last target token and each continuation token
+            ids = enc.ids + continuation
+            first = len(enc.ids) - 1
+            for pos in range(first, len(ids) - 1):
+                kl_rows.append(row)
+                kl_pos.append(pos)
+                kl_weight.append(1.0 / (len(templates) * (len(ids) - 1 - first)))
+            rows.append(ids[:-1])  # the last token is predicted, never fed
+        else:
+            rows.append(enc.ids[:-1])
+    essence_enc = encode(tok, ESSENCE_PROMPT, request.subject)
+    essence_ids = essence_enc.ids + list(essence or [])
+    last = len(essence_ids) - 1 if essence else essence_enc.subject_last  # paper: one position
+    for pos in range(essence_enc.subject_last, last + 1):
+        kl_rows.append(len(rows))
+        kl_pos.append(pos)
+        kl_weight.append(1.0 / (last + 1 - essence_enc.subject_last))
+    rows.append(essence_ids)
+    subject_pos.append(essence_enc.subject_last)
     device = handle.device
-    pad = tok.pad_token_id
+
+    def tensor(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
     return _Batch(
-        ids=pad_batch(rows, pad, device),
-        subject_pos=torch.tensor(subject_pos, device=device),
-        nll_rows=torch.tensor(nll_rows, device=device),
-        nll_pos=torch.tensor(nll_pos, device=device),
-        nll_ids=torch.tensor(nll_ids, device=device),
-        nll_weight=torch.tensor(nll_weight, device=device),
-        kl_row=len(rows) - 1,
+        ids=pad_batch(rows, tok.pad_token_id, device),
+        subject_pos=tensor(subject_pos),
+        nll_rows=tensor(nll_rows),
+        nll_pos=tensor(nll_pos),
+        nll_ids=tensor(nll_ids),
+        nll_weight=tensor(nll_weight, torch.float32),
+        kl_rows=tensor(kl_rows),
+        kl_pos=tensor(kl_pos),
+        kl_weight=tensor(kl_weight, torch.float32),
     )
+
+
+@torch.no_grad()
+def _greedy(
+    handle: ModelHandle, text: str, n_tokens: int, hooks: list[tuple[Any, Any]]
+) -> list[int]:
+    """The model's greedy continuation of ``text`` (``n_tokens`` ids, fewer at EOS), with
+    ``hooks`` (earlier edits of this call) in place: the state the edit starts from."""
+    if n_tokens <= 0:
+        return []
+    tok = handle.tokenizer
+    ids = tok(text)["input_ids"]
+    out: list[int] = []
+    with thread_hooks(forward=hooks):  # a few short passes: no KV cache needed
+        for _ in range(n_tokens):
+            logits = handle.model(input_ids=torch.tensor([ids + out], device=handle.device)).logits
+            next_id = int(logits[0, -1].argmax())
+            if next_id == tok.eos_token_id:
+                break
+            out.append(next_id)
+    return out
 
 
 def _optimise(
@@ -212,7 +287,14 @@ def _optimise(
     """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32."""
     stats = EditStats()
     t0 = time.perf_counter()
-    batch = _build_batch(handle, request, templates)
+    prior_hooks = [] if prior is None else [(handle.rewrite_module(hp.layer), _adds(prior))]
+    essence = _greedy(
+        handle, ESSENCE_PROMPT.replace("{}", request.subject), hp.essence_tokens, prior_hooks
+    )
+    continuation = _greedy(
+        handle, f"{request.text} {request.target}", hp.continuation_tokens, prior_hooks
+    )
+    batch = _build_batch(handle, request, templates, essence or None, continuation or None)
     n_rewrite = len(templates)
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
 
@@ -240,6 +322,7 @@ def _optimise(
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * v_init.norm()
+    n_nll = len(batch.nll_ids)
 
     def add_delta(_module, _args, output):
         out = output + at_subject * delta.to(dtype)
@@ -248,28 +331,27 @@ def _optimise(
     log_p_orig = None
     step = 0
     with thread_hooks(forward=[(rewrite, add_delta)]):
-        for step in range(hp.steps + 1):
+        for step in range(max(hp.steps, 1)):
             hidden = _run_blocks(blocks, captured, upper)
             picked = torch.cat(
-                [
-                    hidden[batch.nll_rows, batch.nll_pos],
-                    hidden[batch.kl_row, batch.subject_pos[-1:]],
-                ]
+                [hidden[batch.nll_rows, batch.nll_pos], hidden[batch.kl_rows, batch.kl_pos]]
             )
             log_probs = F.log_softmax(_head(handle, picked).float(), dim=-1)
-            token_nll = -log_probs[:-1].gather(1, batch.nll_ids[:, None]).squeeze(1)
+            token_nll = -log_probs[:n_nll].gather(1, batch.nll_ids[:, None]).squeeze(1)
             nll = (token_nll * batch.nll_weight).sum()
-            log_p = log_probs[-1]
+            log_p = log_probs[n_nll:]  # [Q, vocab]
             if log_p_orig is None:
                 log_p_orig = log_p.detach()
                 stats.nll_start = float(nll.detach())
-            kl = F.kl_div(log_p, log_p_orig, log_target=True, reduction="sum")
+            # KL(P_δ ‖ P_orig) per kept position (eq. 4: the edited distribution from the
+            # original one), weighted to a mean per term.
+            kl = (log_p.exp() * (log_p - log_p_orig)).sum(-1) @ batch.kl_weight
             decay = hp.weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + hp.kl_factor * kl + decay
             stats.nll_end = float(nll.detach())
-            stop = step == hp.steps or stats.nll_end < hp.early_stop_nll
+            stop = step == hp.steps - 1 or float(loss.detach()) < hp.early_stop_loss
             if not stop and hp.early_stop_most_probable:  # MPES: every target token on top
-                stop = bool((log_probs[:-1].argmax(-1) == batch.nll_ids).all())
+                stop = bool((log_probs[:n_nll].argmax(-1) == batch.nll_ids).all())
             if stop:
                 break
             (grad,) = torch.autograd.grad(loss, [delta])
@@ -279,7 +361,7 @@ def _optimise(
                 norm = delta.norm()
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-    stats.steps = step
+    stats.steps = step  # updates made
     stats.delta_norm = float(delta.detach().norm())
     stats.seconds["optimise"] = time.perf_counter() - t0
     return key.detach(), bare_key.detach(), delta.detach(), stats
