@@ -138,3 +138,11 @@ def test_kept_text_positions(tiny_llama):
         assert kept.ids[row, :width].tolist() == (enc.ids + follow)[:-1]
     # NLL positions are unchanged by the extension.
     assert kept.nll_pos.tolist() == paper.nll_pos.tolist()
+
+
+def test_one_pass_or_none_makes_no_update(tiny_llama, tiny_hparams):
+    templates = context_templates(tiny_llama, list(tiny_hparams.templates), 0)
+    for steps in (0, 1):
+        hp = tiny_hparams.with_overrides(steps=steps, early_stop_loss=0.0)
+        *_, delta, stats = _optimise(tiny_llama, REQUEST, hp, templates, None)
+        assert stats.steps == 0 and not delta.any()

@@ -18,7 +18,7 @@ The MLP output projection W at one layer is read as a key→value memory.  An ed
    (most-probable early stopping, MPES: Gupta et al. 2025, arXiv 2502.01636).
 
    Two extensions keep the text *around* the edit as the unedited model writes it (both off
-   gives the paper's loss exactly; see docs/evaluation.md, "Text after an edit"):
+   gives the paper's loss exactly; docs/evaluation.md, "The text after an edit"):
    ``essence_tokens`` > 0 extends the essence term from the one position to the unedited
    model's own greedy description of the subject ("{s} is a" + that many tokens): the KL is
    averaged over every position from the subject's last token on, so δ cannot rewrite what the
@@ -349,7 +349,7 @@ def _optimise(
             decay = hp.weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + hp.kl_factor * kl + decay
             stats.nll_end = float(nll.detach())
-            stop = step == hp.steps - 1 or float(loss.detach()) < hp.early_stop_loss
+            stop = step >= hp.steps - 1 or float(loss.detach()) < hp.early_stop_loss
             if not stop and hp.early_stop_most_probable:  # MPES: every target token on top
                 stop = bool((log_probs[:n_nll].argmax(-1) == batch.nll_ids).all())
             if stop:
