@@ -27,8 +27,8 @@ run: venv
 	$(BIN)/factpatch up --tour
 
 lint: venv
-	$(BIN)/ruff check factpatch tests bench
-	$(BIN)/ruff format --check factpatch tests bench
+	$(BIN)/ruff check factpatch tests bench research
+	$(BIN)/ruff format --check factpatch tests bench research
 
 test: venv lint
 	$(BIN)/python -m pytest -q -ra

@@ -143,14 +143,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from factpatch.evaluation.counterfact import evaluate, load_records
+    from factpatch.evaluation.counterfact import as_facts, evaluate, known_facts, load_records
 
     if args.sequential is not None or args.method != "rome":
         return _cmd_eval_sequential(args)
     handle = _load(args)
     hp = _hparams(handle, args)
-    records = load_records(args.data, args.n)
-    evaluation = evaluate(handle, records, hp, corpus=args.corpus, progress=not args.quiet)
+    if args.known_facts:
+        records = known_facts(handle, load_records(args.data), args.n)
+    else:
+        records = load_records(args.data, args.n)
+    known = None
+    if args.text or args.known:  # the subject's other facts: the known set's and the data's own
+        known = load_records(args.known) if args.known else []
+        known += as_facts(load_records(args.data))
+    evaluation = evaluate(
+        handle,
+        records,
+        hp,
+        corpus=args.corpus,
+        progress=not args.quiet,
+        text=args.text or args.known is not None,
+        known=known,
+    )
     report = evaluation.report()
     report.update(model=handle.name, layer=hp.layer, hparams=hp.to_dict(), data=args.data)
     if args.out:
@@ -164,6 +179,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"CounterFact, {report['n']} records, model {handle.name}, layer {hp.layer}")
         for key in ("efficacy", "paraphrase", "neighborhood", "score"):
             print(f"  {key:13} {report[key]:6.1f}   (unedited {u[key]:6.1f})")
+        if "text" in report:
+            t = report["text"]
+            for key in ("fluency_greedy", "fluency_sampled", "degenerate"):
+                print(f"  {key:16} {t[key]['after']:6.3f}   (unedited {t[key]['before']:6.3f})")
+            c = t["consistency"]
+            print(
+                f"  consistency      {c['after_new']:6.3f}   "
+                f"(unedited, true object {c['before_true']:6.3f})"
+            )
+            if t["essence_kept"] is not None:
+                print(
+                    f"  essence kept     {t['essence_kept']:6.3f}   ({t['essence_probes']} probes)"
+                )
         print(
             f"  seconds/edit  mean {report['seconds_per_edit']:.2f}, "
             f"median {report['median_seconds_per_edit']:.2f}; refused {report['refused']}"
@@ -249,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--json", action="store_true", help="print one JSON object")
     cf.add_argument("--out", help="also write the per-record results here")
     cf.add_argument("--quiet", action="store_true", help="no per-record progress")
+    cf.add_argument(
+        "--text",
+        action="store_true",
+        help="also judge generated text: fluency, degeneration, consistency, essence (slower)",
+    )
+    cf.add_argument(
+        "--known",
+        metavar="PATH",
+        help="known-facts JSON: its facts about a subject join the essence probes (implies --text)",
+    )
+    cf.add_argument(
+        "--known-facts",
+        action="store_true",
+        help="only records whose true object the unedited model ranks first (--n of them)",
+    )
     cf.add_argument("--method", choices=["rome", "memit", "alphaedit"], default="rome")
     cf.add_argument("--sequential", type=int, metavar="N", help="apply N edits cumulatively")
     cf.add_argument("--batch", type=int, metavar="B", help="edits per batch (default: N)")
