@@ -84,7 +84,12 @@ def test_special_token_ids_exclude_eos_and_include_added_specials():
     tok = make_tokenizer()  # a private copy: the session fixture stays unchanged
     tok.add_tokens(["<ctl>"], special_tokens=True)
     tok.add_tokens(["zzqx"])  # added but not special
+    tok.add_tokens(["<start_of_image>", "[multimodal]", "\n\n"])  # as Gemma 3 adds them
     ids = special_token_ids(tok)
+    # Markup added as plain tokens is control (Gemma 3 leaves <start_of_image> unflagged) ...
+    for control in ("<start_of_image>", "[multimodal]"):
+        assert tok.convert_tokens_to_ids(control) in ids
+    assert tok.convert_tokens_to_ids("\n\n") not in ids  # ... added whitespace is text
     assert tok.eos_token_id == 2
     assert 2 not in ids
     assert {0, 1, tok.convert_tokens_to_ids("<ctl>")} <= ids

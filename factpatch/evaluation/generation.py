@@ -104,13 +104,22 @@ def _longest_run(ids: list[int]) -> int:
     return longest
 
 
+_CONTROL_RE = re.compile(r"<[^<>\s]+>|\[[a-z_]+\]")
+
+
 def special_token_ids(tokenizer: Any) -> set[int]:
     """Ids of the tokenizer's special, added-special and control tokens, except EOS.
 
-    A continuation that stops at EOS is fine (and generation stops there anyway).
+    Control tokens are added tokens written as markup (``<start_of_image>``, ``[multimodal]``):
+    Gemma 3's tokenizer does not flag them special.  Added whitespace tokens are text.  A
+    continuation that stops at EOS is fine (and generation stops there anyway).
     """
     ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    ids |= {
+        i
+        for i, tok in tokenizer.added_tokens_decoder.items()
+        if tok.special or _CONTROL_RE.fullmatch(tok.content)
+    }
     ids.discard(tokenizer.eos_token_id)
     return ids
 
