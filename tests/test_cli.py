@@ -84,22 +84,15 @@ def test_edit_text_output(folder, capsys):
     assert "before" in out and "after" in out and "P(Rome)" in out
 
 
+def eval_argv(folder: str, *extra: str) -> list[str]:
+    """`factpatch eval counterfact` on the first 2 sample records, JSON, fast settings."""
+    data = str(DATA / "counterfact_val_sample.json")
+    head = ["eval", "counterfact", "--model", folder, "--data", data, "--n", "2"]
+    return [*head, "--json", "--quiet", *FAST, *extra]
+
+
 def test_eval_counterfact_json(folder, capsys):
-    code = main(
-        [
-            "eval",
-            "counterfact",
-            "--model",
-            folder,
-            "--data",
-            str(DATA / "counterfact_val_sample.json"),
-            "--n",
-            "2",
-            "--json",
-            "--quiet",
-            *FAST,
-        ]
-    )
+    code = main(eval_argv(folder))
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     for key in ("efficacy", "paraphrase", "neighborhood", "score", "seconds_per_edit", "n"):
@@ -110,27 +103,9 @@ def test_eval_counterfact_json(folder, capsys):
 
 def test_eval_counterfact_text_measures(folder, capsys):
     """--text/--known: the text before and after each edit is judged and reported."""
-    code = main(
-        [
-            "eval",
-            "counterfact",
-            "--model",
-            folder,
-            "--data",
-            str(DATA / "counterfact_val_sample.json"),
-            "--n",
-            "2",
-            "--known",
-            str(DATA / "known_sample.json"),
-            "--json",
-            "--quiet",
-            *FAST,
-            "--set",
-            "essence_tokens=3",
-            "--set",
-            "continuation_tokens=2",
-        ]
-    )
+    known = str(DATA / "known_sample.json")
+    extra = ["--set", "essence_tokens=3", "--set", "continuation_tokens=2"]
+    code = main(eval_argv(folder, "--known", known, *extra))
     assert code == 0
     text = json.loads(capsys.readouterr().out)["text"]
     for key in ("fluency_greedy", "fluency_sampled"):
