@@ -44,6 +44,7 @@ def test_ngram_entropy_exact_value():
     expected = (2 / 3 * h2 + 4 / 3 * 1.0) / 2
     assert ngram_entropy("a b a b") == pytest.approx(expected)
     assert ngram_entropy("A b a B") == pytest.approx(expected)  # case is folded
+    assert ngram_entropy("A b a B", fold_case=False) > expected  # or kept: 3 distinct bigrams
 
 
 def test_ngram_entropy_counts_punctuation_as_words():

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import sys
 import time
-from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -62,6 +60,7 @@ from factpatch.editing.memit import compute_batch
 from factpatch.editing.prompts import continuation, pad_batch
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for, summarise
+from factpatch.evaluation.generation import ngram_entropy
 from factpatch.models.hooks import StopForward, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle, weights_hash
 
@@ -147,19 +146,6 @@ def measure_records(handle: ModelHandle, records: list[dict[str, Any]]) -> list[
     ]
 
 
-def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights=(2 / 3, 4 / 3)) -> float:
-    """ROME/MEMIT's fluency: mean over n of weight_n · entropy (bits) of the text's word
-    n-grams (words and punctuation marks as tokens, like NLTK's word tokenizer)."""
-    words = re.findall(r"\w+|[^\w\s]", text)
-    parts = []
-    for n, w in zip(ns, weights, strict=True):
-        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        total = sum(counts.values())
-        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
-        parts.append(w * h)
-    return statistics.fmean(parts)
-
-
 @torch.no_grad()
 def generate_texts(
     handle: ModelHandle, prompts: list[str], max_new_tokens: int = 40, seed: int = 0
@@ -197,7 +183,7 @@ def generate_texts(
 def fluency(handle: ModelHandle, prompts: list[str], max_new_tokens: int = 40) -> dict[str, Any]:
     texts = generate_texts(handle, prompts, max_new_tokens)
     return {
-        "ngram_entropy": statistics.fmean(ngram_entropy(t) for t in texts),
+        "ngram_entropy": statistics.fmean(ngram_entropy(t, fold_case=False) for t in texts),
         "n_prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "samples": texts[:3],
