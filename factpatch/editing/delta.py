@@ -14,6 +14,8 @@ version can be rebuilt from its active deltas alone.
 
 * :func:`apply_delta` adds a delta to live weights in place (quick, but repeated adds and
   subtracts drift in low precision: use it for experiments, not for versioning).
+* :func:`output_hook` adds ``ΔW k`` to a module's output on the fly (a forward hook for
+  :func:`factpatch.models.hooks.thread_hooks`): the update acts, no weight is written.
 * :func:`materialize` computes ``base + Σ deltas`` from a copy of the base tensors, in one fixed
   order, accumulated in float32 and cast once to the model's dtype.  The same base and the same
   list of deltas always give bit-identical tensors; this is what versions and rollbacks use.
@@ -127,6 +129,17 @@ def _param(handle: ModelHandle, path: str) -> torch.Tensor:
 def _oriented(handle: ModelHandle, update: torch.Tensor) -> torch.Tensor:
     """(out, in) → the parameter's own layout (GPT-2's Conv1D stores (in, out))."""
     return update.T if handle.adapter.weight_in_out else update
+
+
+def output_hook(left: torch.Tensor, right: torch.Tensor) -> Any:
+    """A forward hook adding ``ΔW k = left (rightᵀ k)`` to the module's output at every position;
+    ``left [out, r]`` and ``right [in, r]`` on the module's device, float32."""
+
+    def hook(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        key = args[0].float()  # [..., in]
+        return output + ((key @ right) @ left.T).to(output.dtype)
+
+    return hook
 
 
 @torch.no_grad()

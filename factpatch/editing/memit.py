@@ -77,7 +77,7 @@ from typing import Any
 import torch
 
 from factpatch.editing.covariance import layer_covariances
-from factpatch.editing.delta import Delta
+from factpatch.editing.delta import Delta, output_hook
 from factpatch.editing.hparams import MemitHParams, default_memit_hparams
 from factpatch.editing.prompts import encode, pad_batch
 from factpatch.editing.requests import EditRequest
@@ -451,13 +451,6 @@ def _trace(
     hidden: list[torch.Tensor] = []
     at: dict[str, torch.Tensor] = {}
 
-    def add_prior(left: torch.Tensor, right: torch.Tensor):
-        def hook(_module, args, output):
-            k = args[0]
-            return output + ((k.float() @ right) @ left.T).to(output.dtype)  # ΔW k
-
-        return hook
-
     def record(layer: int):
         def hook(_module, args, output):
             keys[layer].append(args[0][at["rows"], at["pos"]].float())
@@ -470,7 +463,7 @@ def _trace(
         raise StopForward
 
     forward = [
-        (handle.rewrite_module(j), add_prior(left.to(device), right.to(device)))
+        (handle.rewrite_module(j), output_hook(left.to(device), right.to(device)))
         for j, (left, right) in sorted(prior.items())
     ]
     forward += [(handle.rewrite_module(j), record(j)) for j in layers]

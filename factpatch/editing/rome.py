@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from factpatch.editing.covariance import covariance_solver
-from factpatch.editing.delta import Delta
+from factpatch.editing.delta import Delta, output_hook
 from factpatch.editing.hparams import RomeHParams, default_hparams
 from factpatch.editing.prompts import encode, pad_batch
 from factpatch.editing.requests import EditRequest
@@ -151,17 +151,6 @@ def compute_edit(
     }
     # The keys are inputs to the edited module, so this delta does not change them.
     return Delta(factors, provenance, keys={path: torch.stack(keys, 1).cpu()})
-
-
-def _adds(prior: tuple[torch.Tensor, torch.Tensor]) -> Any:
-    """A forward hook adding the rank-one terms ``left rightᵀ`` to the module's output."""
-    left, right = prior
-
-    def hook(_module, args, output):
-        key = args[0].float()  # [..., in]
-        return output + ((key @ right.to(key.device)) @ left.to(key.device).T).to(output.dtype)
-
-    return hook
 
 
 def _guard(
@@ -287,7 +276,10 @@ def _optimise(
     """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32."""
     stats = EditStats()
     t0 = time.perf_counter()
-    prior_hooks = [] if prior is None else [(handle.rewrite_module(hp.layer), _adds(prior))]
+    prior_hooks = []  # earlier edits of this call, for the unedited model's greedy text
+    if prior is not None:
+        left, right = (t.to(handle.device) for t in prior)
+        prior_hooks = [(handle.rewrite_module(hp.layer), output_hook(left, right))]
     essence = _greedy(
         handle, ESSENCE_PROMPT.replace("{}", request.subject), hp.essence_tokens, prior_hooks
     )
@@ -310,8 +302,7 @@ def _optimise(
     # Earlier edits of this call: W's output gains (Σ left rightᵀ) k at every position.
     prior_out = None
     if prior is not None:
-        left, right = prior
-        prior_out = (io["keys"].float() @ right.to(keys.device)) @ left.to(keys.device).T
+        prior_out = (io["keys"].float() @ right) @ left.T
     stats.seconds["keys"] = time.perf_counter() - t0
 
     # Optimise δ.
