@@ -149,22 +149,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_sequential(args)
     handle = _load(args)
     hp = _hparams(handle, args)
+    data = load_records(args.data)
     if args.known_facts:
-        records = known_facts(handle, load_records(args.data), args.n)
+        records = known_facts(handle, data, args.n)
     else:
-        records = load_records(args.data, args.n)
+        records = data[: args.n] if args.n else data  # as load_records(path, n)
+    text = args.text or args.known is not None
+    # The subject's other facts: the known set's and the data's own.
     known = None
-    if args.text or args.known:  # the subject's other facts: the known set's and the data's own
-        known = load_records(args.known) if args.known else []
-        known += as_facts(load_records(args.data))
+    if text:
+        known = (load_records(args.known) if args.known else []) + as_facts(data)
     evaluation = evaluate(
-        handle,
-        records,
-        hp,
-        corpus=args.corpus,
-        progress=not args.quiet,
-        text=args.text or args.known is not None,
-        known=known,
+        handle, records, hp, corpus=args.corpus, progress=not args.quiet, text=text, known=known
     )
     report = evaluation.report()
     report.update(model=handle.name, layer=hp.layer, hparams=hp.to_dict(), data=args.data)
