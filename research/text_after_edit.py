@@ -28,6 +28,13 @@ SETTINGS = {
     "paper": {"essence_tokens": 0, "continuation_tokens": 0, "kl_factor": 0.0625},
     "kept-text": {"essence_tokens": 16, "continuation_tokens": 4, "kl_factor": 0.5},
     "kept-text-kl0.25": {"essence_tokens": 16, "continuation_tokens": 4, "kl_factor": 0.25},
+    "continuation-kl0.25": {"essence_tokens": 0, "continuation_tokens": 4, "kl_factor": 0.25},
+    "paper-clamp4": {
+        "essence_tokens": 0,
+        "continuation_tokens": 0,
+        "kl_factor": 0.0625,
+        "clamp_norm_factor": 4.0,
+    },
 }
 
 
