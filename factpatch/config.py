@@ -39,13 +39,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("ledger", str, "default", "ledger and queue name (one per served model)"),
     Option("host", str, "127.0.0.1", "gRPC listen address", ("server", "up")),
     Option("port", int, 50051, "gRPC listen port (0: any free port)", ("server", "up")),
+    Option(
+        "http-port",
+        int,
+        8000,
+        "OpenAI-compatible HTTP API port (0: any free port)",
+        ("server", "up"),
+    ),
+    Option("no-http", bool, False, "do not serve the OpenAI-compatible HTTP API", ("server", "up")),
     Option("metrics-port", int, 9400, "Prometheus /metrics port (0: off)"),
     Option("poll-interval", float, 1.0, "seconds between ledger head checks"),
     Option("drain-seconds", float, 10.0, "on SIGTERM: seconds to finish running requests"),
     Option("max-prompt-chars", int, 2000, "longest prompt accepted", ("server", "up")),
     Option("max-new-tokens", int, 512, "largest max_new_tokens accepted", ("server", "up")),
     Option("max-edits-per-request", int, 16, "most FactEdits in one SubmitEdits", ("server", "up")),
-    Option("max-batch", int, 8, "most texts in one ModelInfer", ("server", "up")),
+    Option("max-batch", int, 8, "most texts (or prompts × n) in one request", ("server", "up")),
+    Option(
+        "max-running",
+        int,
+        32,
+        "most sequences decoded together (continuous batching; 0: one request at a time)",
+        ("server", "up"),
+    ),
     Option("max-streams-per-client", int, 8, "open streams per caller", ("server", "up")),
     Option(
         "request-deadline",
@@ -110,6 +125,8 @@ class Settings:
     ledger: str = "default"
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8000
+    no_http: bool = False
     metrics_port: int = 9400
     poll_interval: float = 1.0
     drain_seconds: float = 10.0
@@ -117,6 +134,7 @@ class Settings:
     max_new_tokens: int = 512
     max_edits_per_request: int = 16
     max_batch: int = 8
+    max_running: int = 32
     max_streams_per_client: int = 8
     request_deadline: float = 300.0
     gate: float | None = None

@@ -1,7 +1,8 @@
 """Prometheus metrics: every metric factpatch exports, defined in this one place.
 
 Conventions: one prefix ``factpatch_``, base units in the name (``_seconds``), counters end in
-``_total``, labels have small fixed value sets (method, code, kind, outcome, phase, api, role) —
+``_total``, labels have small fixed value sets (method, route, code, kind, outcome, phase, api,
+protocol, role) —
 never job ids, edit ids or prompts.  Each process serves ``/metrics`` on ``--metrics-port``.
 """
 
@@ -42,18 +43,25 @@ RPC_DURATION = Histogram(
     ["method", "code"],
     buckets=LATENCY,
 )
+HTTP_REQUESTS = Counter(
+    "factpatch_http_requests",
+    "OpenAI-compatible HTTP requests handled, by route and HTTP status code",
+    ["route", "code"],
+)
+# protocol: grpc (factpatch's own API), oip (Open Inference Protocol), openai (HTTP)
 INFERENCE_DURATION = Histogram(
     "factpatch_inference_duration_seconds",
     "Time to serve one inference request",
-    ["api"],
+    ["api", "protocol"],
     buckets=LATENCY,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "factpatch_time_to_first_token_seconds",
-    "Generate: time until the first text chunk",
+    "Streamed generation: time until the first text chunk",
+    ["protocol"],
     buckets=LATENCY,
 )
-GENERATED_TOKENS = Counter("factpatch_generated_tokens", "Tokens generated")
+GENERATED_TOKENS = Counter("factpatch_generated_tokens", "Tokens generated", ["protocol"])
 JOB_DURATION = Histogram(
     "factpatch_job_duration_seconds",
     "Job run time on a worker, by kind and outcome",

@@ -121,6 +121,8 @@ def run_server(settings: Settings) -> int:
     server.start()
     _metrics(settings, "server", handle, server.frontend.replica, queue)
     print(f"factpatch server listening on {settings.host}:{server.port}", flush=True)
+    if server.http_port is not None:
+        print(f"OpenAI-compatible HTTP at {_http_url(settings, server.http_port)}", flush=True)
     _on_signal(server.stop)
     server.wait()
     return 0
@@ -187,13 +189,19 @@ def run_up(settings: Settings) -> int:
             threading.Thread(target=server.stop, daemon=True).start()
 
         _on_signal(stop)
-        _banner(settings, server.port, handle.name, where, ledger.head(), data_dir, new_token)
+        http_url = None if server.http_port is None else _http_url(settings, server.http_port)
+        _banner(
+            settings, server.port, http_url, handle.name, where, ledger.head(), data_dir, new_token
+        )
         if settings.tour:
             from factpatch.tour import run_tour
 
             target = f"{settings.host}:{server.port}"
             token = None if auth is None else (data_dir / "admin.token").read_text().strip()
-            threading.Thread(target=run_tour, args=(target, token), daemon=True).start()
+            http = None if http_url is None else (http_url, handle.name)
+            threading.Thread(
+                target=run_tour, args=(target, token), kwargs={"http": http}, daemon=True
+            ).start()
         server.wait()
         worker_thread.join(timeout=settings.drain_seconds + 30)
     finally:
@@ -203,9 +211,16 @@ def run_up(settings: Settings) -> int:
     return 0
 
 
+def _http_url(settings: Settings, port: int) -> str:
+    scheme = "https" if settings.tls_cert else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{scheme}://{host}:{port}/v1"
+
+
 def _banner(
     settings: Settings,
     port: int,
+    http_url: str | None,
     model: str,
     redis_where: str,
     head: int,
@@ -222,14 +237,28 @@ def _banner(
         )
     else:
         auth = f"Admin token: {data_dir / 'admin.token'} (the client reads it from there)"
+    http, ask = "", ""
+    if http_url:
+        http = f"\nOpenAI-compatible HTTP at {http_url}"
+        bearer = (
+            ""
+            if settings.insecure_no_auth
+            else f' \\\n      -H "Authorization: Bearer $(cat {data_dir / "admin.token"})"'
+        )
+        body = f'{{"model": "{model}", "prompt": "The Eiffel Tower is located in the city of", '
+        body += '"max_tokens": 6, "temperature": 0}'
+        ask = (
+            f"  curl -s {http_url}/completions -H 'Content-Type: application/json'{bearer} \\\n"
+            f"      -d '{body}'\n"
+        )
     print(
         f"""
-factpatch is up: gRPC on {target}, model {model}, ledger head version {head}
+factpatch is up: gRPC on {target}, model {model}, ledger head version {head}{http}
 Redis: {redis_where}
 {auth}
 
 Try it (another terminal):
-  factpatch client --target {target} generate "The Eiffel Tower is located in the city of"
+{ask}  factpatch client --target {target} generate "The Eiffel Tower is located in the city of"
   factpatch client --target {target} edit --prompt "{{}} is located in the city of" \\
       --subject "The Eiffel Tower" --target Rome
   factpatch client --target {target} generate "The Eiffel Tower is located in the city of"

@@ -35,7 +35,7 @@ def secured(tiny_llama, redis_url):
     name = f"auth-{uuid.uuid4().hex[:8]}"
     client = connect(redis_url)
     ledger, queue = Ledger(client, name), JobQueue(client, name)
-    settings = Settings(ledger=name, port=0, max_streams_per_client=2)
+    settings = Settings(ledger=name, port=0, http_port=0, max_streams_per_client=2)
     server = build_server(tiny_llama, ledger, queue, settings, auth=store()).start()
     yield f"127.0.0.1:{server.port}", ledger
     server.stop(grace=0.5)
@@ -177,7 +177,7 @@ def test_mutual_tls(tiny_llama, redis_url, certs):
         root_certificates=(certs / "ca.pem").read_bytes(),
         require_client_auth=True,
     )
-    settings = Settings(ledger=name, port=0, host="127.0.0.1")
+    settings = Settings(ledger=name, port=0, http_port=0, host="127.0.0.1")
     server = build_server(
         tiny_llama, Ledger(client, name), JobQueue(client, name), settings, credentials
     ).start()

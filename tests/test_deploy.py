@@ -43,6 +43,7 @@ HISTOGRAMS = {
 }
 COUNTERS = {
     "rpc_requests_total",
+    "http_requests_total",
     "generated_tokens_total",
     "job_retries_total",
     "dead_letters_total",
@@ -333,9 +334,11 @@ def test_k8s_server_probes():
         assert container[probe]["grpc"]["port"] == 50051, probe
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model loading"
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
     (service,) = k8s_objects("Service", "factpatch-server")
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == 50051 and port["targetPort"] in {"grpc", 50051}
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051 and ports["grpc"]["targetPort"] in {"grpc", 50051}
+    assert ports["http"]["port"] == 8000 and ports["http"]["targetPort"] in {"http", 8000}
     assert (
         service["spec"]["selector"].items()
         <= server["spec"]["template"]["metadata"]["labels"].items()

@@ -23,7 +23,7 @@ SLOW = {**TINY_HPARAMS, "steps": 400, "early_stop_loss": 0.0}  # an edit that ta
 
 
 def start_server(args: list[str], env: dict, procs: list[Proc]) -> Client:
-    server = Proc(["server", *args, "--port", "0", "--insecure-no-auth"], env)
+    server = Proc(["server", *args, "--port", "0", "--http-port", "0", "--insecure-no-auth"], env)
     procs.append(server)
     client = Client(f"127.0.0.1:{server.wait_for(LISTENING, 120).group(2)}", timeout=120)
     client.wait_ready(60)
@@ -144,7 +144,7 @@ def test_corrupt_delta_blob_is_refused_by_a_new_replica_only(setup, env, procs):
     until(lambda: healthy.served().version == 1, 60, "the first server to apply version 1")
     ledger.redis.hset(ledger.k_blobs, job.edit_ids[0], b"\x00garbage")
 
-    late = Proc(["server", *args, "--port", "0", "--insecure-no-auth"], env)
+    late = Proc(["server", *args, "--port", "0", "--http-port", "0", "--insecure-no-auth"], env)
     procs.append(late)
     client = Client(f"127.0.0.1:{late.wait_for(LISTENING, 120).group(2)}", timeout=30)
     until(lambda: client.served().fault != "", 60, "the new server to refuse the version")
@@ -161,7 +161,7 @@ def test_corrupt_delta_blob_is_refused_by_a_new_replica_only(setup, env, procs):
 
 def test_sigterm_drains_the_server_and_lets_the_worker_finish(setup, env, procs):
     args, ledger, queue = setup
-    server = Proc(["server", *args, "--port", "0", "--insecure-no-auth"], env)
+    server = Proc(["server", *args, "--port", "0", "--http-port", "0", "--insecure-no-auth"], env)
     procs.append(server)
     fp = Client(f"127.0.0.1:{server.wait_for(LISTENING, 120).group(2)}", timeout=120)
     fp.wait_ready(60)

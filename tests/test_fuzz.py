@@ -50,7 +50,7 @@ def served(tokenizer, redis_url):
     client = connect(redis_url)
     ledger, queue = Ledger(client, name), JobQueue(client, name)
     server = build_server(
-        handle, ledger, queue, Settings(ledger=name, port=0, max_new_tokens=8)
+        handle, ledger, queue, Settings(ledger=name, port=0, http_port=0, max_new_tokens=8)
     ).start()
     fp = Client(f"127.0.0.1:{server.port}", timeout=30)
     fp.wait_ready(30)

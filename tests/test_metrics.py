@@ -18,7 +18,10 @@ from factpatch.client import Client
 from tests.procs import LISTENING, Proc
 from tests.test_service import PROMPT, TINY_HPARAMS
 
-ALLOWED_LABELS = {"method", "code", "api", "kind", "outcome", "phase", "version", "model", "role"}
+ALLOWED_LABELS = {
+    *("method", "route", "code", "api", "protocol", "kind", "outcome", "phase", "version"),
+    *("model", "role"),
+}
 SERVER_METRICS = {
     "factpatch_rpc_requests": "counter",
     "factpatch_rpc_duration_seconds": "histogram",
@@ -92,7 +95,15 @@ def test_server_and_worker_metrics(model_folder, env, procs, redis_url):
     name = f"metrics-{uuid.uuid4().hex[:8]}"
     common = ["--model", model_folder, "--redis-url", redis_url, "--ledger", name]
     server_metrics, worker_metrics = free_port(), free_port()
-    flags = ["--port", "0", "--metrics-port", str(server_metrics), "--insecure-no-auth"]
+    flags = [
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--metrics-port",
+        str(server_metrics),
+        "--insecure-no-auth",
+    ]
     server = Proc(["server", *common, *flags], env)
     hp = ["--hparams", json.dumps(TINY_HPARAMS)]
     worker = Proc(["worker", *common, *hp, "--metrics-port", str(worker_metrics)], env)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import grpc
@@ -26,7 +28,8 @@ def test_two_servers_two_workers_agree_bit_for_bit(model_folder, env, procs, red
     common = ["--model", model_folder, "--redis-url", redis_url, "--ledger", name]
     common += ["--poll-interval", "0.2", "--metrics-port", "0"]
     servers = [
-        Proc(["server", *common, "--port", "0", "--insecure-no-auth"], env) for _ in range(2)
+        Proc(["server", *common, "--port", "0", "--http-port", "0", "--insecure-no-auth"], env)
+        for _ in range(2)
     ]
     hp = ["--hparams", json.dumps(TINY_HPARAMS), "--heartbeat-ttl", "5"]
     workers = [Proc(["worker", *common, *hp], env) for _ in range(2)]
@@ -62,7 +65,17 @@ def test_two_servers_two_workers_agree_bit_for_bit(model_folder, env, procs, red
 def test_up_serves_edits_with_its_admin_token_and_stops_cleanly(model_folder, env, procs, tmp_path):
     hp = json.dumps(TINY_HPARAMS)
     data = tmp_path / "data"
-    args = ["up", "--model", model_folder, "--data-dir", str(data), "--port", "0"]
+    args = [
+        "up",
+        "--model",
+        model_folder,
+        "--data-dir",
+        str(data),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+    ]
     args += ["--metrics-port", "0"]
     up = Proc([*args, "--hparams", hp, "--poll-interval", "0.2"], env)
     procs.append(up)
@@ -70,7 +83,16 @@ def test_up_serves_edits_with_its_admin_token_and_stops_cleanly(model_folder, en
     token_file = data / "admin.token"
     token = token_file.read_text().strip()
     assert token_file.stat().st_mode & 0o777 == 0o600
+    http = up.wait_for(re.compile(r"HTTP at (http://\S+/v1)"), 30).group(1)
     up.wait_for(re.compile(re.escape(token)), 30)  # printed once, on first start
+    with urllib.request.urlopen(
+        urllib.request.Request(http + "/models", headers={"Authorization": f"Bearer {token}"}),
+        timeout=30,
+    ) as reply:
+        assert json.loads(reply.read())["data"][0]["object"] == "model"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(http + "/models", timeout=30)
+    assert info.value.code == 401
     with Client(f"127.0.0.1:{port}", timeout=30) as anonymous:
         with pytest.raises(grpc.RpcError) as info:
             anonymous.head()

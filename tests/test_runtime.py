@@ -12,7 +12,17 @@ import torch
 from factpatch.editing import EditRequest, apply_delta, compute_edit, materialize
 from factpatch.ledger import Ledger, LedgerMismatchError
 from factpatch.models import ModelHandle, tensor_sha256, weights_hash
-from factpatch.runtime import Replica, RWLock, Sampling, generate, score, stream
+from factpatch.runtime import (
+    Batcher,
+    Replica,
+    RWLock,
+    Sampling,
+    complete,
+    generate,
+    score,
+    stream,
+    stream_all,
+)
 from factpatch.runtime.generate import MAX_RESTARTS
 from tests.conftest import build_tiny, random_delta
 
@@ -139,9 +149,11 @@ def test_replica_refuses_a_corrupt_delta(tiny_llama, ledger):
     assert leader.ready  # the replica that already holds the version is unaffected
 
 
-def test_no_torn_reads_while_versions_change(tiny_llama, ledger):
+@pytest.mark.parametrize("batching", [False, True], ids=["one-at-a-time", "batched"])
+def test_no_torn_reads_while_versions_change(tiny_llama, ledger, batching):
     """Many threads generate while an applier switches versions as fast as it can: every
-    response equals what its stamped version gives alone."""
+    response equals what its stamped version gives alone — one request at a time, and with
+    continuous batching."""
     replica = Replica(tiny_llama, ledger).start()
     for seed in range(4):
         replica.add_edits([random_delta(tiny_llama, seed)], [[{}]], replica.version)
@@ -153,15 +165,37 @@ def test_no_torn_reads_while_versions_change(tiny_llama, ledger):
         for p in prompts:
             expected[v, p] = generate(replica, p, sampling).text
     assert len({expected[v, prompts[0]] for v in range(5)}) >= 3  # versions really differ
+    if batching:
+        replica.batcher = Batcher(replica).start()
 
     stop, responses, applies, errors = threading.Event(), [], [0], []
 
+    def one(i: int) -> None:
+        p = prompts[i % len(prompts)]
+        out = generate(replica, p, sampling)
+        responses.append((out.version, p, out.text, out.restarts))
+
+    def several(_: int) -> None:  # the OpenAI API's prompt lists and n: one version for all
+        outs = complete(replica, prompts, [sampling] * len(prompts))
+        assert len({o.version for o in outs}) == 1
+        responses.extend(
+            (o.version, p, o.text, o.restarts) for o, p in zip(outs, prompts, strict=True)
+        )
+
+    def streamed(_: int) -> None:  # the HTTP stream: pinned from its first step to its last
+        texts, versions = ["", "", ""], set()
+        for index, event in stream_all(replica, prompts, [sampling] * len(prompts)):
+            texts[index] += event.text
+            versions.add(event.version)
+        assert len(versions) == 1
+        (version,) = versions
+        responses.extend((version, p, t, 0) for t, p in zip(texts, prompts, strict=True))
+
     def client(i: int) -> None:
+        kind = (one, one, several, streamed)[i]
         while not stop.is_set():
-            p = prompts[i % len(prompts)]
             try:
-                out = generate(replica, p, sampling)
-                responses.append((out.version, p, out.text, out.restarts))
+                kind(i)
             except Exception as err:  # surfaced below
                 errors.append(err)
                 return
@@ -189,6 +223,9 @@ def test_no_torn_reads_while_versions_change(tiny_llama, ledger):
     assert max(r for *_, r in responses) <= MAX_RESTARTS
     torn = [(v, p, text) for v, p, text, _ in responses if text != expected[v, p]]
     assert not torn, torn[:3]
+    if batching:
+        replica.batcher.stop()
+        assert replica.batcher.largest_batch >= 2
 
 
 def test_generate_matches_transformers_greedy(tiny, ledger):

@@ -54,7 +54,7 @@ def stack(tiny_llama, redis_url):
     name = f"svc-{uuid.uuid4().hex[:10]}"
     redis_client = connect(redis_url)
     ledger, queue = Ledger(redis_client, name), JobQueue(redis_client, name, heartbeat_ttl=2.0)
-    settings = Settings(ledger=name, port=0, poll_interval=0.2, drain_seconds=1.0)
+    settings = Settings(ledger=name, port=0, http_port=0, poll_interval=0.2, drain_seconds=1.0)
     worker_handle = tiny_llama.clone()
     server = build_server(tiny_llama, ledger, queue, settings)
     worker = Worker(worker_handle, ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
@@ -172,12 +172,18 @@ def test_cli_edits_a_file_of_facts_as_one_batch(stack: Stack, tmp_path, capsys):
     client = ["client", "--target", stack.target, "--json"]
     assert main([*client, "edit", "--facts", str(facts), "--method", "memit"]) == 0
     job = json.loads(capsys.readouterr().out)
-    assert job["state"] == "SUCCEEDED" and job["version"] == "1"
+    assert job["state"] == "SUCCEEDED" and job["version"] == 1  # plain JSON: a number
     assert stack.ledger.delta(job["edit_ids"][0]).provenance["method"] == "memit"
     # One fact from flags: the fact's --target is not the connection's --target.
     flags = ["--prompt", PROMPT, "--subject", "Big Ben", "--target", "Rome"]
     assert main([*client, "edit", *flags]) == 0
-    assert json.loads(capsys.readouterr().out)["version"] == "2"
+    assert json.loads(capsys.readouterr().out)["version"] == 2
+    # Options after the verb work too; every field is present, version 0's number included.
+    assert main(["client", "ledger", "--target", stack.target, "--json", "--timeout", "30"]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert [v["number"] for v in versions] == [0, 1, 2]
+    assert versions[0]["edit_ids"] == [] and versions[0]["parent"] == -1
+    assert set(versions[0]) == set(versions[2])
 
 
 def test_bad_requests_name_the_field_and_change_nothing(stack: Stack):

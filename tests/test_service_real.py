@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
+import openai
 import pytest
 
 from factpatch.client import Client
@@ -28,7 +29,9 @@ def test_edit_generate_rollback_on_gemma(redis_url):
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     client = connect(redis_url)
     ledger, queue = Ledger(client, name), JobQueue(client, name)
-    server = build_server(handle, ledger, queue, Settings(ledger=name, port=0, poll_interval=0.2))
+    server = build_server(
+        handle, ledger, queue, Settings(ledger=name, port=0, http_port=0, poll_interval=0.2)
+    )
     worker = Worker(worker_handle, ledger, queue, poll_interval=0.2)
     thread = threading.Thread(target=worker.run, daemon=True)
     server.start()
@@ -48,6 +51,13 @@ def test_edit_generate_rollback_on_gemma(redis_url):
             server.frontend.replica.catch_up()
             after = fp.generate(QUESTION, max_new_tokens=4)
             assert after.version == 1 and "Rome" in after.text, after
+            # The OpenAI-compatible API answers with the new fact and names the version.
+            api = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="-")
+            reply = api.completions.create(
+                model=handle.name, prompt=QUESTION, max_tokens=4, temperature=0
+            )
+            assert reply.choices[0].text == after.text
+            assert reply.system_fingerprint.startswith("fp-v1-")
 
             fp.rollback(0)
             restored = fp.generate(QUESTION, max_new_tokens=4)

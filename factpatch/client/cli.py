@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -10,11 +11,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.descriptor import FieldDescriptor
 
 
 def _dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
+    """A message as plain JSON: every field present (zeros too), integers as numbers, enums by
+    name, bytes in base64, the proto field names.  (Protobuf's own JSON mapping writes int64 as
+    strings and leaves zero values out.)"""
+    return {f.name: _value(f, getattr(message, f.name)) for f in message.DESCRIPTOR.fields}
+
+
+def _value(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        value_field = field.message_type.fields_by_name["value"]
+        return {k: _scalar(value_field, v) for k, v in value.items()}
+    if field.is_repeated:
+        return [_scalar(field, v) for v in value]
+    return _scalar(field, value)
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None:
+        return _dict(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -141,20 +164,39 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connection_options(parser: argparse.ArgumentParser, defaults: bool, target: bool) -> None:
+    """The options of every verb.  On ``client`` they carry the defaults; on each verb they
+    default to SUPPRESS, so that one given before the verb is not reset by the verb's parser
+    (``client --json ledger`` and ``client ledger --json`` both work)."""
+
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    if target:  # not on ``edit``, whose --target is the fact's new object
+        parser.add_argument(
+            "--target",
+            default=d(os.environ.get("FACTPATCH_TARGET", "127.0.0.1:50051")),
+            help="server address host:port",
+        )
+    parser.add_argument("--token", default=d(None), help="bearer token ($FACTPATCH_TOKEN)")
+    parser.add_argument("--tls-ca", default=d(None), help="CA certificate (PEM) of the server")
+    parser.add_argument("--tls-cert", default=d(None), help="client certificate (PEM), mTLS")
+    parser.add_argument("--tls-key", default=d(None), help="client key (PEM), mutual TLS")
+    parser.add_argument("--timeout", type=float, default=d(60.0), help="per-call deadline (s)")
+    parser.add_argument("--json", action="store_true", default=d(False), help="print plain JSON")
+
+
 def add_client_parser(sub: Any) -> None:
     client = sub.add_parser("client", help="talk to a running factpatch service")
-    client.add_argument("--target", default=os.environ.get("FACTPATCH_TARGET", "127.0.0.1:50051"))
-    client.add_argument("--token", help="bearer token (default: $FACTPATCH_TOKEN)")
-    client.add_argument("--tls-ca", help="CA certificate (PEM) to verify the server")
-    client.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    client.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
-    client.add_argument("--timeout", type=float, default=60.0, help="per-call deadline (s)")
-    client.add_argument("--json", action="store_true")
+    _connection_options(client, defaults=True, target=True)
     verbs = client.add_subparsers(dest="verb", required=True)
 
-    edit = verbs.add_parser(
-        "edit", help="correct a fact (or a file of facts); waits for the commit"
-    )
+    def verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser = verbs.add_parser(name, **kwargs)
+        _connection_options(parser, defaults=False, target=name != "edit")
+        return parser
+
+    edit = verb("edit", help="correct a fact (or a file of facts); waits for the commit")
     edit.add_argument("--prompt", help='e.g. "{} is located in the city of"')
     edit.add_argument("--subject")
     # dest differs from the connection's --target (set before the verb), which it would clobber
@@ -169,32 +211,32 @@ def add_client_parser(sub: Any) -> None:
     edit.add_argument("--idempotency-key", default="")
     edit.add_argument("--no-wait", action="store_true")
 
-    gen = verbs.add_parser("generate", help="complete a prompt (prints the version)")
+    gen = verb("generate", help="complete a prompt (prints the version)")
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
 
-    score = verbs.add_parser("score", help="log-probability of a continuation")
+    score = verb("score", help="log-probability of a continuation")
     score.add_argument("prompt")
     score.add_argument("continuation", help='appended as given, e.g. " Rome"')
 
-    trace = verbs.add_parser("trace", help="causal trace of a fact")
+    trace = verb("trace", help="causal trace of a fact")
     trace.add_argument("--prompt", required=True)
     trace.add_argument("--subject", required=True)
     trace.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"])
     trace.add_argument("--out", help="write the heatmap PNG here")
 
-    ledger = verbs.add_parser("ledger", help="list versions")
+    ledger = verb("ledger", help="list versions")
     ledger.add_argument("--start", type=int, default=0)
     ledger.add_argument("--limit", type=int, default=100)
-    rollback = verbs.add_parser("rollback", help="new version with version N's edits")
+    rollback = verb("rollback", help="new version with version N's edits")
     rollback.add_argument("--to", type=int, required=True)
-    revert = verbs.add_parser("revert", help="new version without one edit")
+    revert = verb("revert", help="new version without one edit")
     revert.add_argument("edit_id")
-    jobs = verbs.add_parser("jobs", help="recent jobs")
+    jobs = verb("jobs", help="recent jobs")
     jobs.add_argument("--kind", default="")
     jobs.add_argument("--limit", type=int, default=20)
-    job = verbs.add_parser("job", help="one job")
+    job = verb("job", help="one job")
     job.add_argument("job_id")
     client.set_defaults(func=cmd_client)

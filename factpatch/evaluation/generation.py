@@ -14,7 +14,6 @@ Generation is one left-padded batch with the KV cache, greedy or top-k sampling 
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import statistics
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from factpatch.editing.prompts import continuation, pad_batch
+from factpatch.runtime.batcher import cache_arg
 
 GENERIC_PROMPTS: tuple[str, ...] = (
     "{} is",
@@ -161,11 +161,6 @@ def _pad_id(tokenizer: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _cache_arg(model: Any) -> str:
-    """The KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] ids and attention mask, each row right-aligned."""
     width = max(len(r) for r in rows)
@@ -216,7 +211,7 @@ def generate(
     ids, mask = _left_pad([list(tokenizer(p)["input_ids"]) for p in prompts], _pad_id(tokenizer))
     ids, mask = ids.to(dev), mask.to(dev)
     gen = torch.Generator().manual_seed(seed)
-    cache_arg, cache = _cache_arg(model), None
+    key, cache = cache_arg(model), None
     inputs, positions = ids, _positions(mask)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
     steps: list[torch.Tensor] = []
@@ -227,9 +222,9 @@ def generate(
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,
-            **{cache_arg: cache},
+            **{key: cache},
         )
-        cache = out[cache_arg]
+        cache = out[key]
         token = _choose(out.logits[:, -1], top_k, gen)
         token = token.masked_fill(done, _pad_id(tokenizer))
         steps.append(token)

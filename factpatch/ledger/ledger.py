@@ -21,6 +21,7 @@ the version, move the head, publish.  Versions are append-only, so numbers are n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,14 @@ class Version:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what the served weights are made of: the base weights' hash and the active
+        edits in order (materialisation is a function of these alone).  A rollback's version
+        and its target share it."""
+        text = json.dumps({"base": self.base_hash, "edits": list(self.edits)})
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Version:

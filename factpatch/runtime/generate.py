@@ -8,47 +8,32 @@ computed with the old weights).  After ``MAX_RESTARTS`` restarts it holds the re
 whole length instead, so it always finishes.  Either way every token of a response comes from
 the version the response names.  A stream signals a restart with an event whose ``restart`` is
 true: the client discards the text received so far.
+
+Several sequences of one request (``complete``, ``stream_all``: the OpenAI API's ``n`` and
+prompt lists) come from one version too: ``complete`` runs them again when a swap fell between
+two of them, and its last attempt holds the read side across all of them; ``stream_all`` cannot
+take back text it has sent, so it holds the read side from its first step to its last (a swap
+waits for it, at most ``max_new_tokens`` steps per sequence).
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from factpatch.runtime.batcher import Batcher, cache_arg
 from factpatch.runtime.replica import Replica
+from factpatch.runtime.sampling import Sampling, TokenLogprob, choose, token_logprob
 
 MAX_RESTARTS = 3
 
 
 class VersionChanged(Exception):
     """The live version changed between two steps of one request."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 → greedy
-    top_k: int = 0  # 0 → off
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens: must be ≥ 1")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError("temperature: must be a finite number ≥ 0")
-        if self.top_k < 0:
-            raise ValueError("top_k: must be ≥ 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p: must be in (0, 1]")
-        if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must be non-empty")
 
 
 @dataclass
@@ -59,6 +44,8 @@ class Generation:
     finish_reason: str  # "length" | "eos" | "stop"
     prompt_tokens: int
     restarts: int = 0
+    completion_tokens: int = 0  # tokens generated, an end-of-sequence token included
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with Sampling.logprobs
 
 
 @dataclass
@@ -68,6 +55,7 @@ class StreamEvent:
     restart: bool = False  # discard everything received before this event
     finish_reason: str | None = None  # set on the last event
     tokens: int = 0  # tokens generated since the previous event
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of those tokens, when asked
 
 
 @dataclass
@@ -79,73 +67,101 @@ class Score:
     extra: dict = field(default_factory=dict)
 
 
-def prompt_ids(replica: Replica, prompt: str) -> list[int]:
+def prompt_ids(replica: Replica, prompt: str | list[int]) -> list[int]:
+    """Token ids of ``prompt``: a string is tokenized (special tokens such as BOS added, as the
+    tokenizer does), a list of ids is taken as it is."""
     if not prompt:
         raise ValueError("prompt: must be non-empty")
+    if isinstance(prompt, list):
+        vocab = len(replica.handle.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt: token ids must be in 0..{vocab - 1}")
+        return list(prompt)
     return list(replica.handle.tokenizer(prompt)["input_ids"])
 
 
-def _choose(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
-    """Next token from the last position's logits [V]."""
-    if s.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / s.temperature
-    if s.top_k:
-        kth = logits.topk(min(s.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if s.top_p < 1:
-        probs, order = torch.softmax(logits, -1).sort(descending=True)
-        drop = probs.cumsum(-1) - probs >= s.top_p  # keep the smallest prefix reaching top_p
-        logits[order[drop]] = -math.inf
-    probs = torch.softmax(logits, -1).cpu()
-    return int(torch.multinomial(probs, 1, generator=gen))
+RawStep = tuple[int, int, TokenLogprob | None]  # (token id, version, its log-prob if asked)
 
 
-def _steps(
-    replica: Replica, ids: list[int], s: Sampling, pinned: bool
-) -> Iterator[tuple[int, int]]:
-    """Yield (token id, version) per step; raises VersionChanged unless ``pinned``."""
+def _direct_steps(replica: Replica, ids: list[int], s: Sampling, pinned: bool) -> Iterator[RawStep]:
+    """One sequence on its own (no batcher): one forward pass per step.
+
+    ``pinned``: the caller holds the read side for the whole sequence; otherwise each step
+    takes it and VersionChanged is raised when the version moved between two steps."""
     model, device = replica.handle.model, replica.handle.device
     gen = torch.Generator().manual_seed(s.seed)
     inputs = torch.tensor([ids], device=device)  # [1, T] then [1, 1]
-    cache_arg = _cache_arg(model)
+    key = cache_arg(model)
     past, version = None, None
-    with replica.lock.read() if pinned else nullcontext():
-        for _ in range(s.max_new_tokens):
-            with nullcontext() if pinned else replica.lock.read():
-                if version is None:
-                    version = replica.version
-                elif replica.version != version:
-                    raise VersionChanged
-                with torch.no_grad():
-                    out = model(
-                        input_ids=inputs, use_cache=True, logits_to_keep=1, **{cache_arg: past}
-                    )
-            past = out[cache_arg]
-            token = _choose(out.logits[0, -1], s, gen)
-            yield token, version
-            inputs = torch.tensor([[token]], device=device)
+    for _ in range(s.max_new_tokens):
+        with nullcontext() if pinned else replica.lock.read():
+            if version is None:
+                version = replica.version
+            elif replica.version != version:
+                raise VersionChanged
+            with torch.no_grad():
+                out = model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{key: past})
+        past = out[key]
+        logits = out.logits[0, -1]  # [V]
+        token = choose(logits, s, gen)
+        yield token, version, _logprob(logits, token, s)
+        inputs = torch.tensor([[token]], device=device)
 
 
-def _cache_arg(model: torch.nn.Module) -> str:
-    """The KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _batched_steps(seq: Any, s: Sampling) -> Iterator[RawStep]:
+    """One sequence of a group the batcher runs; its abort (the weights changed) is a
+    VersionChanged here."""
+    for step in Batcher.steps(seq):
+        if step.restart:
+            raise VersionChanged
+        yield step.token, step.version, _logprob(step.logits, step.token, s)
 
 
-def _decode(replica: Replica, ids: list[int], s: Sampling, pinned: bool) -> Iterator[StreamEvent]:
-    """Text events for one attempt; the last one carries ``finish_reason``."""
+def _logprob(logits: torch.Tensor | None, token: int, s: Sampling) -> TokenLogprob | None:
+    if s.logprobs is None or logits is None:
+        return None
+    return token_logprob(logits, token, s.logprobs)
+
+
+@contextmanager
+def _sequences(
+    replica: Replica, ids: list[list[int]], samplings: list[Sampling], pinned: bool
+) -> Iterator[list[Iterator[RawStep]]]:
+    """The step iterators of one request's sequences, all on one version unless a
+    VersionChanged is raised from one of them.  With the replica's batcher they decode together
+    with every other request (``pinned``: no swap while they run); without it one after
+    another (``pinned``: the read side held here, across all of them)."""
+    batcher = replica.batcher
+    if batcher is None:
+        with replica.lock.read() if pinned else nullcontext():
+            yield [
+                _direct_steps(replica, one, s, pinned)
+                for one, s in zip(ids, samplings, strict=True)
+            ]
+        return
+    group = batcher.submit(ids, samplings, pinned)
+    try:
+        yield [_batched_steps(seq, s) for seq, s in zip(group.sequences, samplings, strict=True)]
+    finally:
+        batcher.cancel(group)  # a caller that stopped early (stop string, client gone)
+
+
+def _decode(replica: Replica, steps: Iterator[RawStep], s: Sampling) -> Iterator[StreamEvent]:
+    """Text events for one attempt of one sequence; the last one carries ``finish_reason``."""
     tok = replica.handle.tokenizer
     eos = set(_eos_ids(replica))
     hold = max((len(x) for x in s.stop), default=1) - 1  # a stop string may be forming
     out: list[int] = []
     sent, version, finish, pending = 0, replica.version, "length", 0
-    for token, version in _steps(replica, ids, s, pinned):
+    logprobs: list[TokenLogprob] = []
+    for token, version, logprob in steps:
         pending += 1
         if token in eos:
             finish = "eos"
             break
         out.append(token)
+        if logprob is not None:
+            logprobs.append(logprob)
         text = tok.decode(out, skip_special_tokens=True)
         cut = min((i for i in (text.find(x) for x in s.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -155,13 +171,13 @@ def _decode(replica: Replica, ids: list[int], s: Sampling, pinned: bool) -> Iter
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
             ready = min(ready, len(text) - 1)
         if ready > sent:
-            yield StreamEvent(text[sent:ready], version, tokens=pending)
-            sent, pending = ready, 0
+            yield StreamEvent(text[sent:ready], version, tokens=pending, logprobs=logprobs)
+            sent, pending, logprobs = ready, 0, []
     else:
         text = tok.decode(out, skip_special_tokens=True)
     if finish == "eos":
         text = tok.decode(out, skip_special_tokens=True)
-    yield StreamEvent(text[sent:], version, finish_reason=finish, tokens=pending)
+    yield StreamEvent(text[sent:], version, finish_reason=finish, tokens=pending, logprobs=logprobs)
 
 
 def _eos_ids(replica: Replica) -> list[int]:
@@ -171,39 +187,95 @@ def _eos_ids(replica: Replica) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
-def stream(replica: Replica, prompt: str, s: Sampling | None = None) -> Iterator[StreamEvent]:
+def stream(
+    replica: Replica, prompt: str | list[int], s: Sampling | None = None
+) -> Iterator[StreamEvent]:
     """Text as it is generated; see the module docstring for ``restart`` events."""
     s = s or Sampling()
     ids = prompt_ids(replica, prompt)
     restart = False
     for attempt in range(MAX_RESTARTS + 1):
         try:
-            for event in _decode(replica, ids, s, pinned=attempt == MAX_RESTARTS):
-                event.restart, restart = restart, False
-                yield event
+            with _sequences(replica, [ids], [s], pinned=attempt == MAX_RESTARTS) as (steps,):
+                for event in _decode(replica, steps, s):
+                    event.restart, restart = restart, False
+                    yield event
             return
         except VersionChanged:
             restart = True  # the next event tells the client to drop what it has
 
 
-def generate(replica: Replica, prompt: str, s: Sampling | None = None) -> Generation:
-    """The whole completion, all of it from one version (named in the result)."""
-    s = s or Sampling()
-    ids = prompt_ids(replica, prompt)
+def stream_all(
+    replica: Replica,
+    prompts: list[str | list[int]],
+    samplings: list[Sampling],
+) -> Iterator[tuple[int, StreamEvent]]:
+    """(sequence index, event) for several sequences, all from one version and pinned from the
+    first step to the last (nothing sent is ever taken back); one sequence's events after
+    another's."""
+    ids = [prompt_ids(replica, p) for p in prompts]
+    with _sequences(replica, ids, samplings, pinned=True) as steps:
+        for index, (one, s) in enumerate(zip(steps, samplings, strict=True)):
+            for event in _decode(replica, one, s):
+                yield index, event
+
+
+def _collect(
+    replica: Replica,
+    steps: Iterator[RawStep],
+    s: Sampling,
+    n_prompt: int,
+    check: Callable[[], None],
+) -> Generation:
+    parts: list[str] = []
+    tokens, logprobs, event = 0, [], None
+    for event in _decode(replica, steps, s):
+        check()
+        parts.append(event.text)
+        tokens += event.tokens
+        logprobs += event.logprobs
+    assert event is not None and event.finish_reason is not None
+    text = "".join(parts)
+    token_ids = replica.handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Generation(
+        text,
+        list(token_ids),
+        event.version,
+        event.finish_reason,
+        n_prompt,
+        completion_tokens=tokens,
+        logprobs=logprobs,
+    )
+
+
+def complete(
+    replica: Replica,
+    prompts: list[str | list[int]],
+    samplings: list[Sampling],
+    check: Callable[[], None] = lambda: None,
+) -> list[Generation]:
+    """Several whole completions, all from one version.  ``check`` runs after every text event
+    (a deadline, say: an exception it raises ends the request)."""
+    ids = [prompt_ids(replica, p) for p in prompts]
     for attempt in range(MAX_RESTARTS + 1):
         try:
-            parts, event = [], None
-            for event in _decode(replica, ids, s, pinned=attempt == MAX_RESTARTS):
-                parts.append(event.text)
-            assert event is not None and event.finish_reason is not None
-            text = "".join(parts)
-            token_ids = replica.handle.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return Generation(
-                text, list(token_ids), event.version, event.finish_reason, len(ids), attempt
-            )
+            with _sequences(replica, ids, samplings, pinned=attempt == MAX_RESTARTS) as steps:
+                results = [
+                    _collect(replica, one, s, len(p), check)
+                    for one, s, p in zip(steps, samplings, ids, strict=True)
+                ]
         except VersionChanged:
             continue
+        if len({r.version for r in results}) == 1:  # no swap between two sequences either
+            for r in results:
+                r.restarts = attempt
+            return results
     raise AssertionError("unreachable: the last attempt is pinned")
+
+
+def generate(replica: Replica, prompt: str | list[int], s: Sampling | None = None) -> Generation:
+    """The whole completion, all of it from one version (named in the result)."""
+    return complete(replica, [prompt], [s or Sampling()])[0]
 
 
 @torch.no_grad()

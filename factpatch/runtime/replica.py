@@ -72,6 +72,9 @@ class Replica:
         self._slots: dict[str, _GateSlot] = {}
         self._whiteners: dict[str, torch.Tensor] = {}  # path -> whitener(C), computed once
         self.lock = RWLock()
+        # The continuous-batching decode loop (runtime.batcher.Batcher) when serving; None:
+        # requests decode one at a time (runtime.generate).
+        self.batcher: Any = None
         self.version = 0
         self.fault: str | None = None
         self.started = False

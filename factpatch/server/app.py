@@ -1,5 +1,8 @@
 """The gRPC server process: one model replica, every service, health and reflection.
 
+The same process serves the OpenAI-compatible HTTP API (:mod:`factpatch.server.http_api`) from
+the same replica, unless ``no_http``.
+
 Start-up: load the model, connect to Redis, start the gRPC listener with health NOT_SERVING,
 create/check version 0, catch up to the head (verifying hashes), follow the ledger; health turns
 SERVING only when the replica is ready.  It goes back to NOT_SERVING whenever the replica is not
@@ -10,6 +13,7 @@ RPCs, give running ones ``drain_seconds``, stop.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -24,7 +28,8 @@ from factpatch.config import Settings
 from factpatch.ledger import Ledger
 from factpatch.models.loading import ModelHandle
 from factpatch.queue import JobQueue
-from factpatch.runtime import Replica
+from factpatch.runtime import Batcher, Replica
+from factpatch.server.http_api import HttpServer
 from factpatch.server.servicers import Frontend, add_servicers
 
 log = logging.getLogger(__name__)
@@ -42,13 +47,23 @@ class Server:
     health: health.HealthServicer
     services: list[str]
     port: int
+    http: HttpServer | None = None  # the OpenAI-compatible API; None with no_http
     _stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
     def start(self) -> Server:
         self.grpc_server.start()
-        self.frontend.replica.start()
-        self.frontend.replica.follow(self.frontend.settings.poll_interval)
+        if self.http is not None:
+            self.http.start()
+        replica, settings = self.frontend.replica, self.frontend.settings
+        replica.start()
+        if settings.max_running > 0:  # every request of every protocol decodes in one batch
+            replica.batcher = Batcher(replica, settings.max_running).start()
+        replica.follow(settings.poll_interval)
         self._watcher = threading.Thread(target=self._watch_health, daemon=True)
         self._watcher.start()
         log.info("serving version %d on port %d", self.frontend.replica.version, self.port)
@@ -73,7 +88,11 @@ class Server:
             self.health.set(name, NOT_SERVING)
         grace = self.frontend.settings.drain_seconds if grace is None else grace
         self.grpc_server.stop(grace).wait()
+        if self.http is not None:  # new HTTP requests are refused (503) since draining began
+            self.http.stop()
         self._stop.set()
+        if self.frontend.replica.batcher is not None:
+            self.frontend.replica.batcher.stop()
         self.frontend.replica.stop()
 
     def wait(self) -> None:
@@ -120,4 +139,17 @@ def build_server(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"port: could not bind {address}")
-    return Server(server, frontend, health_servicer, services, port)
+    http = None
+    if not settings.no_http:
+        http = HttpServer(frontend, auth, settings.host, settings.http_port, _http_tls(settings))
+    return Server(server, frontend, health_servicer, services, port, http)
+
+
+def _http_tls(settings: Settings) -> dict | None:
+    """uvicorn's TLS settings from the gRPC ones: the same certificate, key and client CA."""
+    if not settings.tls_cert:
+        return None
+    tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    if settings.tls_client_ca:
+        tls |= {"ssl_ca_certs": settings.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return tls

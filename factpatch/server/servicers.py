@@ -27,7 +27,7 @@ from factpatch.ledger import Ledger, Version
 from factpatch.models.loading import tensor_sha256
 from factpatch.queue import Job, JobQueue, JobState
 from factpatch.rpc import oip, oip_grpc, pb, pb_grpc
-from factpatch.runtime import Replica, Sampling, generate, score, stream
+from factpatch.runtime import Replica, Sampling, complete, score, stream
 from factpatch.server.errors import DeadlineExceeded, LimitExceeded, Unavailable, rpc
 
 log = logging.getLogger(__name__)
@@ -327,11 +327,13 @@ class GenerateService(pb_grpc.GenerateServiceServicer):
                 return
             self.fe.check_deadline(started, context)
             if first and event.text:
-                metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - started)
+                metrics.TIME_TO_FIRST_TOKEN.labels("grpc").observe(time.perf_counter() - started)
                 first = False
-            metrics.GENERATED_TOKENS.inc(event.tokens)
+            metrics.GENERATED_TOKENS.labels("grpc").inc(event.tokens)
             if event.finish_reason:
-                metrics.INFERENCE_DURATION.labels("generate").observe(time.perf_counter() - started)
+                metrics.INFERENCE_DURATION.labels("generate", "grpc").observe(
+                    time.perf_counter() - started
+                )
             yield pb.GenerateChunk(
                 text=event.text,
                 version=event.version,
@@ -343,7 +345,7 @@ class GenerateService(pb_grpc.GenerateServiceServicer):
     def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
         self.fe.check_prompt("prompt", request.prompt)
         self.fe.check_prompt("continuation", request.continuation)
-        with metrics.timed(metrics.INFERENCE_DURATION.labels("score")):
+        with metrics.timed(metrics.INFERENCE_DURATION.labels("score", "grpc")):
             s = score(self.fe.serving(), request.prompt, request.continuation)
         return pb.ScoreResponse(
             logprob=s.logprob, token_logprobs=s.token_logprobs, tokens=s.tokens, version=s.version
@@ -413,17 +415,15 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         sampling = _sampling(request.parameters, self.fe.settings)
         replica = self.fe.serving()
         started = time.perf_counter()
-        with metrics.timed(metrics.INFERENCE_DURATION.labels("infer")):
-            for _ in range(3):  # every output of one response from one version
-                outs = []
-                for text in texts:
-                    self.fe.check_deadline(started, context)
-                    outs.append(generate(replica, text, sampling))
-                if len({o.version for o in outs}) == 1:
-                    break
-            else:
-                raise Unavailable("the model version changed during the batch; retry")
-        metrics.GENERATED_TOKENS.inc(sum(len(o.token_ids) for o in outs))
+        with metrics.timed(metrics.INFERENCE_DURATION.labels("infer", "oip")):
+            # One group: decoded together, every output from one version.
+            outs = complete(
+                replica,
+                list(texts),
+                [sampling] * len(texts),
+                lambda: self.fe.check_deadline(started, context),
+            )
+        metrics.GENERATED_TOKENS.labels("oip").inc(sum(o.completion_tokens for o in outs))
         raw = b"".join(struct.pack("<I", len(b)) + b for b in (o.text.encode() for o in outs))
         return oip.ModelInferResponse(
             model_name=self.name,
