@@ -65,6 +65,17 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             m = snapshot.export(ledger, args.dir)
             n = len(m["edits"])
             _emit(args, m, f"exported versions 0…{m['head']} ({n} edits) to {args.dir}")
+        elif args.action == "export-lora":
+            from factpatch.ledger.lora import export_lora
+
+            info = export_lora(ledger, args.version, args.dir)
+            ranks = ", ".join(f"{p} ({r})" for p, r in info["modules"].items())
+            _emit(
+                args,
+                info,
+                f"version {info['version']} as a LoRA adapter (rank {info['rank']}) in "
+                f"{args.dir}: {ranks}",
+            )
         elif args.action == "import":
             head = snapshot.import_(ledger, args.dir)
             _emit(args, {"head": head}, f"imported {args.dir}: head is version {head}")
@@ -102,13 +113,18 @@ def add_ledger_parser(sub: Any, model_args: Any) -> None:
     diff.add_argument("b", type=int)
     export = actions.add_parser("export", help="write a verified, portable snapshot")
     export.add_argument("dir")
+    lora = actions.add_parser(
+        "export-lora", help="write one version as a PEFT LoRA adapter (vLLM, any LoRA server)"
+    )
+    lora.add_argument("--version", type=int, required=True)
+    lora.add_argument("dir")
     imp = actions.add_parser("import", help="load a snapshot into an empty ledger")
     imp.add_argument("dir")
     rollback = actions.add_parser("rollback", help="new version with version N's edits")
     rollback.add_argument("--to", type=int, required=True)
     revert = actions.add_parser("revert", help="new version without one edit")
     revert.add_argument("edit_id")
-    for p in (show, diff, export, imp, rollback, revert):
+    for p in (show, diff, export, lora, imp, rollback, revert):
         _store_args(p)
     for p in (rollback, revert):
         model_args(p)
