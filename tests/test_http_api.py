@@ -194,6 +194,10 @@ def test_an_edit_through_grpc_then_openai_serves_the_new_version(http: Http, tin
     OpenAI answer after a gRPC edit is exactly the edited weights' and names the new version."""
     prompt = PROMPT.format("The Eiffel Tower")
     base_model = copy.deepcopy(http.server.frontend.replica.handle.model)
+    before = http.api.completions.create(
+        model=http.model, prompt=prompt, max_tokens=4, temperature=0
+    )
+    score_before = http.grpc.score(prompt, " Rome")
     job = http.grpc.edit(PROMPT, "The Eiffel Tower", "Rome").wait(timeout=120)
     assert job.version == 1
     http.server.frontend.replica.catch_up()  # don't wait for the poll tick
@@ -206,6 +210,19 @@ def test_an_edit_through_grpc_then_openai_serves_the_new_version(http: Http, tin
     twin = dataclasses.replace(tiny_llama, model=base_model, cache={})
     apply_delta(twin, http.ledger.delta(job.edit_ids[0]))
     assert after.choices[0].text == greedy_text(twin, prompt, 4)
+    # Any version on any request: "<model>@v0" answers from the base weights, on the same
+    # replica; so does the gRPC API with version=0.
+    old = http.api.completions.create(
+        model=f"{http.model}@v0", prompt=prompt, max_tokens=4, temperature=0
+    )
+    assert old.choices[0].text == before.choices[0].text
+    assert old.system_fingerprint == fingerprint(http.ledger, 0) and old.model.endswith("@v0")
+    assert http.grpc.score(prompt, " Rome", version=0).logprob == pytest.approx(
+        score_before.logprob, abs=1e-4
+    )
+    assert http.grpc.generate(prompt, max_new_tokens=4, version=0).text == old.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        http.api.completions.create(model=f"{http.model}@v9", prompt=prompt, max_tokens=1)
 
 
 def test_wrong_token_is_401_and_bad_fields_are_400_naming_them(http: Http):

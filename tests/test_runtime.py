@@ -219,8 +219,11 @@ def test_no_torn_reads_while_versions_change(tiny_llama, ledger, batching):
     assert not errors
     assert applies[0] >= 50 and len(responses) >= 50, (applies, len(responses))
     assert len({v for v, *_ in responses}) == 5
-    assert any(r for *_, r in responses)  # some requests did straddle an apply and restarted
-    assert max(r for *_, r in responses) <= MAX_RESTARTS
+    if batching:  # each request keeps its version to the end: nothing restarts
+        assert not any(r for *_, r in responses)
+    else:  # some requests did straddle an apply and restarted
+        assert any(r for *_, r in responses)
+        assert max(r for *_, r in responses) <= MAX_RESTARTS
     torn = [(v, p, text) for v, p, text, _ in responses if text != expected[v, p]]
     assert not torn, torn[:3]
     if batching:

@@ -115,7 +115,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             text += f", version {job.version} committed"
     elif args.verb == "generate":
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        g = client.generate(args.prompt, seed=args.seed, **sampling)
+        g = client.generate(args.prompt, seed=args.seed, version=args.version, **sampling)
         out = g.__dict__
         text = f"[version {g.version}] {args.prompt}{g.text}"
     elif args.verb == "score":
@@ -216,6 +216,9 @@ def add_client_parser(sub: Any) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--version", type=int, help="answer from this committed version (default: the live one)"
+    )
 
     score = verb("score", help="log-probability of a continuation")
     score.add_argument("prompt")

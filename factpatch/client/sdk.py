@@ -187,6 +187,7 @@ class Client:
     # -- inference ---------------------------------------------------------------------------
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[pb.GenerateChunk]:
+        """Chunks as generated; ``version=N`` answers from committed version N."""
         request = pb.GenerateRequest(prompt=prompt, **sampling)
         yield from self.gen.Generate(request, timeout=self.timeout, metadata=self.metadata)
 
@@ -200,8 +201,10 @@ class Client:
             version, finish = chunk.version, chunk.finish_reason or finish
         return Generated(text, version, finish, restarts)
 
-    def score(self, prompt: str, continuation: str) -> pb.ScoreResponse:
-        return self._call(self.gen.Score, pb.ScoreRequest(prompt=prompt, continuation=continuation))
+    def score(self, prompt: str, continuation: str, version: int | None = None) -> pb.ScoreResponse:
+        """log P(continuation | prompt) at ``version`` (None: the live one)."""
+        request = pb.ScoreRequest(prompt=prompt, continuation=continuation, version=version)
+        return self._call(self.gen.Score, request)
 
     # -- ledger ------------------------------------------------------------------------------
 

@@ -3,31 +3,30 @@
 Why not transformers' own continuous-batching manager: it runs its own generation thread with
 one generation config for every request (no per-request temperature, top-p, seed or stop), on a
 paged cache behind its own attention implementation, and gives no place to take the replica's
-read lock per step or to abort a request when the weights change under it.  This scheduler is
-small and keeps transformers' ordinary ``DynamicCache``: the batch is one left-padded cache.
+read lock per step or to serve each request on its own version.  This scheduler is small and
+keeps transformers' ordinary ``DynamicCache``: the batch is one left-padded cache.
 
-One **global step**, under the replica's read side (so a weight swap falls between two steps
-and never waits for more than one step):
+Every sequence has a **version**: the one its request named, or the live version when it was
+admitted, and keeps it to the end: once the replica's weights move on (a swap between two
+steps), its rows get the low-rank difference between the live weights and their version added
+to the edited modules' outputs (:mod:`factpatch.runtime.versions`), so its KV cache stays valid
+and nothing restarts.  At most ``max_versions`` distinct versions share a batch (a group for
+another one waits for rows to leave).
 
-1. if the live version is not the one the batch cache was computed on, every running group is
-   aborted: its sequences get a ``restart`` step and end (the caller starts them again on the
-   new version, or pinned after ``MAX_RESTARTS``, as without batching);
-2. one forward pass over the last token of every running sequence (attention mask: the left
-   padding; position ids: each row's own count of tokens);
-3. admit waiting groups while there is room: their prompts are prefilled together in one
-   left-padded forward pass (at most ``prefill_tokens`` padded tokens, so that a step stays
-   short: a swap waits for at most one step), which gives each its first token, and that cache
-   is merged into the batch cache, left-padded to a common length;
-4. each sequence samples its next token with its own settings and generator; finished ones
-   leave the batch (their cache rows are dropped, and columns that are padding in every row
-   are cut).
+One **global step**, under the replica's read side (a weight swap falls between two steps and
+waits for at most one):
 
-Version rules: a **group** (the sequences of one request: a prompt list, ``n``) is admitted in
-one step, so on one version, and aborted as a whole; a finished sequence of an unpinned group
-is held open until its whole group has finished, so an abort reaches it too.  A *pinned* group
-(a stream that cannot take text back, a request past its restarts) must not see a swap: while
-one runs, the loop keeps the read side between steps, and while a swap is waiting no new pinned
-group is admitted, so the swap waits only for the pinned groups already running.
+1. one forward pass over the last token of every running sequence (attention mask: the left
+   padding; position ids: each row's own count of tokens; each row at its version);
+2. admit waiting groups (the sequences of one request: a prompt list, ``n``; whole, in order)
+   while there is room: their prompts are prefilled together in one left-padded forward pass
+   (at most ``prefill_tokens`` padded tokens, so that a step stays short), which gives each its
+   first token, and that cache is merged into the batch cache, left-padded to a common length;
+3. outside the lock: each sequence samples its next token with its own settings and generator;
+   finished ones leave the batch (their cache rows are dropped, and columns that are padding in
+   every row are cut).
+
+Key-gated replicas (``--gate``) swap gates, not low-rank terms: they are not batched.
 """
 
 from __future__ import annotations
@@ -38,15 +37,16 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from factpatch.models.hooks import thread_hooks
 from factpatch.runtime.replica import Replica
 from factpatch.runtime.sampling import Sampling, choose
+from factpatch.runtime.versions import version_hooks
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Sequence:
 @dataclass(eq=False)
 class Group:
     sequences: list[Sequence] = field(default_factory=list)
-    pinned: bool = False
+    version: int | None = None  # requested, or the live version once admitted
 
     @property
     def finished(self) -> bool:
@@ -94,10 +94,19 @@ class Group:
 class Batcher:
     """The decode loop of one replica; :meth:`submit` from any thread."""
 
-    def __init__(self, replica: Replica, max_running: int = 32, prefill_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        replica: Replica,
+        max_running: int = 32,
+        prefill_tokens: int = 2048,
+        max_versions: int = 4,
+    ) -> None:
+        if replica.gate is not None:
+            raise ValueError("gate: key-gated replicas are served one request at a time")
         self.replica = replica
         self.max_running = max_running
         self.prefill_tokens = prefill_tokens  # most padded prompt tokens prefilled in one step
+        self.max_versions = max_versions  # most distinct versions in one batch
         model, tok = replica.handle.model, replica.handle.tokenizer
         eos = model.generation_config.eos_token_id
         eos = tok.eos_token_id if eos is None else eos
@@ -109,7 +118,6 @@ class Batcher:
         self._cache: Any = None  # DynamicCache over the rows, T columns
         self._mask: torch.Tensor | None = None  # [rows, T]: 1 a token, 0 left padding
         self._last: torch.Tensor | None = None  # [rows]: the token each row feeds next
-        self._version: int | None = None  # the version the batch cache was computed on
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
@@ -128,9 +136,12 @@ class Batcher:
             self._wake.notify_all()
         self._thread.join(timeout=30)
 
-    def submit(self, prompts: list[list[int]], samplings: list[Sampling], pinned: bool) -> Group:
-        """Queue one request's sequences as a group; read each one with :meth:`steps`."""
-        group = Group(pinned=pinned)
+    def submit(
+        self, prompts: list[list[int]], samplings: list[Sampling], version: int | None = None
+    ) -> Group:
+        """Queue one request's sequences as a group (at ``version``; None: the live one when
+        admitted); read each one with :meth:`steps`."""
+        group = Group(version=version)
         for ids, s in zip(prompts, samplings, strict=True):
             seq = Sequence(list(ids), s, group)
             seq.generator.manual_seed(s.seed)
@@ -159,7 +170,6 @@ class Batcher:
     # -- the loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        held, holding = ExitStack(), False  # the read side, kept while a pinned group runs
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._rows):
@@ -167,55 +177,40 @@ class Batcher:
                 if self._stopping:
                     break
             try:
-                if not holding:
-                    held.enter_context(self.replica.lock.read())
-                    holding = True
-                rows = self._step()
-                if not any(g.pinned for g in self._groups):
-                    held.close()  # sampling needs no lock
-                    holding = False
-                self._hand_out(rows)
-                if holding and not any(g.pinned for g in self._groups):
-                    held.close()  # the last pinned group just finished
-                    holding = False
+                with self.replica.lock.read():
+                    rows = self._step()
+                self._hand_out(rows)  # sampling needs no lock
             except Exception as err:  # fail the requests in hand, keep serving the next ones
                 log.exception("batcher step failed")
-                held.close()
-                holding = False
                 self._fail_all(err)
-        held.close()
         self._fail_all(RuntimeError("batcher: stopped"))
 
     def _step(self) -> list[tuple[Sequence, torch.Tensor]]:
         """One global step (read side held): (sequence, next-token logits [V]) pairs."""
-        version = self.replica.version
-        if self._rows and version != self._version:
-            self._abort_all()
-        self._version = version
+        live = self.replica.version
         self._remove([s for s in self._rows if s.cancelled])
         rows: list[tuple[Sequence, torch.Tensor]] = []
         if self._rows:
-            rows += list(zip(self._rows, self._decode(), strict=True))
-        rows += self._admit()
+            rows += list(zip(self._rows, self._decode(live), strict=True))
+        rows += self._admit(live)
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(self._rows))
         return rows
 
     def _hand_out(self, rows: list[tuple[Sequence, torch.Tensor]]) -> None:
         """Sample each row's token, hand it out, and let finished sequences go."""
-        version = self._version or 0
         tokens = []
         for seq, logits in rows:
             token = choose(logits, seq.sampling, seq.generator)
             tokens.append(token)
             wants = seq.sampling.logprobs is not None
-            seq.out.put(Step(token, version, logits if wants else None))
+            seq.out.put(Step(token, seq.group.version or 0, logits if wants else None))
             seq.produced += 1
             seq.done = token in self.eos or seq.produced >= seq.sampling.max_new_tokens
         if self._rows:
             self._last = torch.tensor(tokens, device=self.replica.handle.device)
         for seq in self._rows:
-            if seq.done and (seq.group.pinned or len(seq.group.sequences) == 1):
+            if seq.done:
                 seq.close()
         for group in [g for g in self._groups if g.finished]:
             for seq in group.sequences:
@@ -225,43 +220,56 @@ class Batcher:
 
     # -- the batch cache ---------------------------------------------------------------------
 
+    def _versions(self, live: int, seqs: list[Sequence]) -> Any:
+        """Hooks that put each row at its own version (none while all are at ``live``)."""
+        rows = [live if s.group.version is None else s.group.version for s in seqs]
+        return thread_hooks(version_hooks(self.replica, live, rows))
+
     @torch.no_grad()
-    def _decode(self) -> torch.Tensor:
+    def _decode(self, live: int) -> torch.Tensor:
         """One forward pass over every row's last token: logits [rows, V] (float32)."""
         assert self._mask is not None and self._last is not None
         width = self._mask.shape[1]
         positions = self._mask.sum(1, keepdim=True)  # [rows, 1]: each row's own position
         self._mask = F.pad(self._mask, (0, 1), value=1)  # [rows, T + 1]
-        out = self.replica.handle.model(
-            input_ids=self._last[:, None],
-            attention_mask=self._mask,
-            position_ids=positions,
-            cache_position=torch.tensor([width], device=self._mask.device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: self._cache},
-        )
+        with self._versions(live, self._rows):
+            out = self.replica.handle.model(
+                input_ids=self._last[:, None],
+                attention_mask=self._mask,
+                position_ids=positions,
+                cache_position=torch.tensor([width], device=self._mask.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: self._cache},
+            )
         self._cache = out[self._cache_arg]
         return out.logits[:, -1].float()
 
     @torch.no_grad()
-    def _admit(self) -> list[tuple[Sequence, torch.Tensor]]:
+    def _admit(self, live: int) -> list[tuple[Sequence, torch.Tensor]]:
         """Prefill whole waiting groups while there is room, in one left-padded forward pass
         (at most ``prefill_tokens`` rows × length, so that one step stays short); returns
         (sequence, next-token logits) of each admitted sequence."""
-        swap_waiting = self.replica.lock.writers_waiting > 0
         with self._wake:
             room = self.max_running - len(self._rows)
+            versions = {s.group.version for s in self._rows}
             longest, ready, kept = 0, [], deque()
             for group in self._waiting:
-                live = [s for s in group.sequences if not s.cancelled]
-                width = max([longest, *(len(s.ids) for s in live)])
-                cost = width * (sum(len(g.sequences) for g in ready) + len(live))
+                going = [s for s in group.sequences if not s.cancelled]
+                width = max([longest, *(len(s.ids) for s in going)])
+                cost = width * (sum(len(g.sequences) for g in ready) + len(going))
+                wanted = live if group.version is None else group.version
                 first = not self._rows and not ready  # always make progress
-                fits = first or (len(live) <= room and cost <= self.prefill_tokens)
-                if fits and not (group.pinned and swap_waiting) and not kept:
+                fits = first or (
+                    len(going) <= room
+                    and cost <= self.prefill_tokens
+                    and len(versions | {wanted}) <= self.max_versions
+                )
+                if fits and not kept:
+                    group.version = wanted
+                    versions.add(wanted)
                     ready.append(group)
-                    room -= len(live)
+                    room -= len(going)
                     longest = width
                 else:
                     kept.append(group)  # and everything after it: first come, first served
@@ -283,13 +291,14 @@ class Batcher:
             [[0] * (width - len(s.ids)) + [1] * len(s.ids) for s in seqs], device=device
         )
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # [rows, width]
-        out = self.replica.handle.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._versions(live, seqs):
+            out = self.replica.handle.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self._merge(seqs, out[self._cache_arg], mask)
         return list(zip(seqs, out.logits[:, -1].float(), strict=True))
 
@@ -339,14 +348,6 @@ class Batcher:
                 layer.keys = layer.keys[..., layer.keys.shape[-2] - keep_cols :, :]
                 layer.values = layer.values[..., layer.values.shape[-2] - keep_cols :, :]
             self._mask = self._mask[:, cut:]
-
-    def _abort_all(self) -> None:
-        """The weights changed under the batch: every admitted group ends with a restart."""
-        for group in self._groups:
-            for seq in group.sequences:
-                seq.close(Step(-1, self._version or 0, restart=True))
-        self._groups = []
-        self._clear()
 
     def _clear(self) -> None:
         self._cache = self._mask = self._last = None

@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
+from factpatch.models.hooks import thread_hooks
 from factpatch.runtime.batcher import Batcher, cache_arg
 from factpatch.runtime.replica import Replica
 from factpatch.runtime.sampling import Sampling, TokenLogprob, choose, token_logprob
+from factpatch.runtime.versions import version_hooks
 
 MAX_RESTARTS = 3
 
@@ -83,23 +85,28 @@ def prompt_ids(replica: Replica, prompt: str | list[int]) -> list[int]:
 RawStep = tuple[int, int, TokenLogprob | None]  # (token id, version, its log-prob if asked)
 
 
-def _direct_steps(replica: Replica, ids: list[int], s: Sampling, pinned: bool) -> Iterator[RawStep]:
+def _direct_steps(
+    replica: Replica, ids: list[int], s: Sampling, pinned: bool, wanted: int | None = None
+) -> Iterator[RawStep]:
     """One sequence on its own (no batcher): one forward pass per step.
 
-    ``pinned``: the caller holds the read side for the whole sequence; otherwise each step
+    ``wanted``: serve this version whatever the live one is (its difference added on the fly:
+    :mod:`factpatch.runtime.versions`), so a swap changes nothing.  Otherwise the live version:
+    ``pinned``, the caller holds the read side for the whole sequence; not pinned, each step
     takes it and VersionChanged is raised when the version moved between two steps."""
     model, device = replica.handle.model, replica.handle.device
     gen = torch.Generator().manual_seed(s.seed)
     inputs = torch.tensor([ids], device=device)  # [1, T] then [1, 1]
     key = cache_arg(model)
-    past, version = None, None
+    past, version = None, wanted
     for _ in range(s.max_new_tokens):
         with nullcontext() if pinned else replica.lock.read():
             if version is None:
                 version = replica.version
-            elif replica.version != version:
+            elif replica.version != version and wanted is None:
                 raise VersionChanged
-            with torch.no_grad():
+            hooks = version_hooks(replica, replica.version, [version])
+            with torch.no_grad(), thread_hooks(hooks):
                 out = model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{key: past})
         past = out[key]
         logits = out.logits[0, -1]  # [V]
@@ -125,21 +132,28 @@ def _logprob(logits: torch.Tensor | None, token: int, s: Sampling) -> TokenLogpr
 
 @contextmanager
 def _sequences(
-    replica: Replica, ids: list[list[int]], samplings: list[Sampling], pinned: bool
+    replica: Replica,
+    ids: list[list[int]],
+    samplings: list[Sampling],
+    pinned: bool,
+    version: int | None = None,
 ) -> Iterator[list[Iterator[RawStep]]]:
-    """The step iterators of one request's sequences, all on one version unless a
-    VersionChanged is raised from one of them.  With the replica's batcher they decode together
-    with every other request (``pinned``: no swap while they run); without it one after
-    another (``pinned``: the read side held here, across all of them)."""
+    """The step iterators of one request's sequences, all on one version (``version``, or the
+    live one) unless a VersionChanged is raised from one of them.  With the replica's batcher
+    they decode together with every other request, each at its version to the end (never a
+    VersionChanged); without it one after another (``pinned``: the read side held here, across
+    all of them)."""
+    if version is not None:
+        replica.ledger.get(version)  # UnknownVersionError names the field
     batcher = replica.batcher
     if batcher is None:
-        with replica.lock.read() if pinned else nullcontext():
+        with replica.lock.read() if pinned and version is None else nullcontext():
             yield [
-                _direct_steps(replica, one, s, pinned)
+                _direct_steps(replica, one, s, pinned and version is None, version)
                 for one, s in zip(ids, samplings, strict=True)
             ]
         return
-    group = batcher.submit(ids, samplings, pinned)
+    group = batcher.submit(ids, samplings, version)
     try:
         yield [_batched_steps(seq, s) for seq, s in zip(group.sequences, samplings, strict=True)]
     finally:
@@ -188,15 +202,20 @@ def _eos_ids(replica: Replica) -> list[int]:
 
 
 def stream(
-    replica: Replica, prompt: str | list[int], s: Sampling | None = None
+    replica: Replica,
+    prompt: str | list[int],
+    s: Sampling | None = None,
+    version: int | None = None,
 ) -> Iterator[StreamEvent]:
-    """Text as it is generated; see the module docstring for ``restart`` events."""
+    """Text as it is generated (at ``version``; None: the live one); see the module docstring
+    for ``restart`` events."""
     s = s or Sampling()
     ids = prompt_ids(replica, prompt)
     restart = False
     for attempt in range(MAX_RESTARTS + 1):
         try:
-            with _sequences(replica, [ids], [s], pinned=attempt == MAX_RESTARTS) as (steps,):
+            pinned = attempt == MAX_RESTARTS
+            with _sequences(replica, [ids], [s], pinned, version) as (steps,):
                 for event in _decode(replica, steps, s):
                     event.restart, restart = restart, False
                     yield event
@@ -209,12 +228,13 @@ def stream_all(
     replica: Replica,
     prompts: list[str | list[int]],
     samplings: list[Sampling],
+    version: int | None = None,
 ) -> Iterator[tuple[int, StreamEvent]]:
     """(sequence index, event) for several sequences, all from one version and pinned from the
     first step to the last (nothing sent is ever taken back); one sequence's events after
     another's."""
     ids = [prompt_ids(replica, p) for p in prompts]
-    with _sequences(replica, ids, samplings, pinned=True) as steps:
+    with _sequences(replica, ids, samplings, True, version) as steps:
         for index, (one, s) in enumerate(zip(steps, samplings, strict=True)):
             for event in _decode(replica, one, s):
                 yield index, event
@@ -253,13 +273,15 @@ def complete(
     prompts: list[str | list[int]],
     samplings: list[Sampling],
     check: Callable[[], None] = lambda: None,
+    version: int | None = None,
 ) -> list[Generation]:
     """Several whole completions, all from one version.  ``check`` runs after every text event
     (a deadline, say: an exception it raises ends the request)."""
     ids = [prompt_ids(replica, p) for p in prompts]
     for attempt in range(MAX_RESTARTS + 1):
         try:
-            with _sequences(replica, ids, samplings, pinned=attempt == MAX_RESTARTS) as steps:
+            pinned = attempt == MAX_RESTARTS
+            with _sequences(replica, ids, samplings, pinned, version) as steps:
                 results = [
                     _collect(replica, one, s, len(p), check)
                     for one, s, p in zip(steps, samplings, ids, strict=True)
@@ -273,14 +295,21 @@ def complete(
     raise AssertionError("unreachable: the last attempt is pinned")
 
 
-def generate(replica: Replica, prompt: str | list[int], s: Sampling | None = None) -> Generation:
-    """The whole completion, all of it from one version (named in the result)."""
-    return complete(replica, [prompt], [s or Sampling()])[0]
+def generate(
+    replica: Replica,
+    prompt: str | list[int],
+    s: Sampling | None = None,
+    version: int | None = None,
+) -> Generation:
+    """The whole completion, all of it from one version (named in the result; ``version``:
+    that one, else the live one)."""
+    return complete(replica, [prompt], [s or Sampling()], version=version)[0]
 
 
 @torch.no_grad()
-def score(replica: Replica, prompt: str, continuation: str) -> Score:
-    """log P(``continuation`` | ``prompt``), the two strings joined as given (no space added)."""
+def score(replica: Replica, prompt: str, continuation: str, version: int | None = None) -> Score:
+    """log P(``continuation`` | ``prompt``), the two strings joined as given (no space added),
+    at ``version`` (None: the live one)."""
     if not prompt:
         raise ValueError("prompt: must be non-empty")
     if not continuation:
@@ -294,9 +323,12 @@ def score(replica: Replica, prompt: str, continuation: str) -> Score:
     if n_prompt == 0:
         raise ValueError("prompt: produced no token")
     inputs = torch.tensor([ids], device=replica.handle.device)
+    if version is not None:
+        replica.ledger.get(version)  # UnknownVersionError names the field
     with replica.lock.read():
-        version = replica.version
-        logits = replica.handle.model(input_ids=inputs, use_cache=False).logits
+        version = replica.version if version is None else version
+        with thread_hooks(version_hooks(replica, replica.version, [version])):
+            logits = replica.handle.model(input_ids=inputs, use_cache=False).logits
     log_probs = torch.log_softmax(logits[0, n_prompt - 1 : -1].float(), -1)  # [n_cont, V]
     targets = torch.tensor(ids[n_prompt:], device=log_probs.device)
     token_lp = log_probs.gather(1, targets[:, None])[:, 0].tolist()

@@ -75,6 +75,7 @@ class Replica:
         # The continuous-batching decode loop (runtime.batcher.Batcher) when serving; None:
         # requests decode one at a time (runtime.generate).
         self.batcher: Any = None
+        self.diffs: dict[tuple[int, int], Any] = {}  # runtime.versions.version_diff's cache
         self.version = 0
         self.fault: str | None = None
         self.started = False

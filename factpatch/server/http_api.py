@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -35,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from factpatch import metrics
 from factpatch.auth import TokenStore
+from factpatch.ledger import UnknownVersionError
 from factpatch.runtime import Generation, Sampling, StreamEvent, TokenLogprob, complete, stream_all
 from factpatch.server.errors import DeadlineExceeded, LimitExceeded, Unavailable
 
@@ -213,14 +215,29 @@ class OpenAIApi:
             self._fingerprints[version] = f"fp-v{version}-{digest[:8]}"
         return self._fingerprints[version]
 
+    def version_of(self, name: str) -> int | None:
+        """The version a model name asks for: ``<model>@v<N>`` is version N (any committed
+        version, 0 = the base weights); the bare name is the live version."""
+        match = re.fullmatch(r"(.*)@v(\d+)", name)
+        if match is None or match.group(1) != self.model:
+            return None
+        return int(match.group(2))
+
     def check_model(self, name: str) -> None:
-        if name != self.model:
+        version = self.version_of(name)
+        if name != self.model and version is None:
             raise ApiError(
                 404,
-                f"model: {name!r} is not served here (this server serves {self.model!r})",
+                f"model: {name!r} is not served here (this server serves {self.model!r}, "
+                f"and {self.model!r}@v<N> for version N)",
                 "model",
                 "model_not_found",
             )
+        if version is not None:
+            try:
+                self.fe.ledger.get(version)
+            except UnknownVersionError as err:
+                raise ApiError(404, f"model: {err}", "model", "model_not_found") from err
 
     def samplings(
         self, body: _Body, max_tokens: int | None, logprobs: int | None, count: int
@@ -373,9 +390,10 @@ class OpenAIApi:
 
     # -- running -----------------------------------------------------------------------------
 
-    def run(self, prompts: list[Any], samplings: list[Sampling]) -> list[Generation]:
+    def run(self, model: str, prompts: list[Any], samplings: list[Sampling]) -> list[Generation]:
         try:
-            return complete(self.fe.serving(), prompts, samplings, self.deadline())
+            replica, version = self.fe.serving(), self.version_of(model)
+            return complete(replica, prompts, samplings, self.deadline(), version)
         except Unavailable as err:
             raise ApiError(503, str(err), None, "unavailable", "server_error") from err
         except DeadlineExceeded as err:
@@ -384,7 +402,7 @@ class OpenAIApi:
             raise _bad(err) from err
 
     def events(
-        self, prompts: list[Any], samplings: list[Sampling]
+        self, model: str, prompts: list[Any], samplings: list[Sampling]
     ) -> Iterator[tuple[int, StreamEvent]]:
         try:
             replica = self.fe.serving()
@@ -392,7 +410,7 @@ class OpenAIApi:
             raise ApiError(503, str(err), None, "unavailable", "server_error") from err
         check = self.deadline()
         try:
-            for item in stream_all(replica, prompts, samplings):
+            for item in stream_all(replica, prompts, samplings, self.version_of(model)):
                 check()
                 yield item
         except ValueError as err:
@@ -488,7 +506,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                     "id": rid,
                     "object": "text_completion",
                     "created": created,
-                    "model": api.model,
+                    "model": body.model,
                     "system_fingerprint": api.fingerprint(version),
                     "choices": [
                         {
@@ -502,7 +520,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                     ],
                 },
             )
-        results = await run_in_threadpool(api.run, prompts, samplings)
+        results = await run_in_threadpool(api.run, body.model, prompts, samplings)
         version = results[0].version
         record(results, "completions", started)
         return JSONResponse(
@@ -510,7 +528,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                 "id": rid,
                 "object": "text_completion",
                 "created": created,
-                "model": api.model,
+                "model": body.model,
                 "system_fingerprint": api.fingerprint(version),
                 "choices": [
                     {
@@ -550,7 +568,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                     "id": rid,
                     "object": "chat.completion.chunk",
                     "created": created,
-                    "model": api.model,
+                    "model": body.model,
                     "system_fingerprint": api.fingerprint(version),
                     "choices": [
                         {
@@ -565,7 +583,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                 }
 
             return await stream_response("chat", prompts, samplings, body, started, chunk)
-        results = await run_in_threadpool(api.run, prompts, samplings)
+        results = await run_in_threadpool(api.run, body.model, prompts, samplings)
         version = results[0].version
         record(results, "chat", started)
         return JSONResponse(
@@ -573,7 +591,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                 "id": rid,
                 "object": "chat.completion",
                 "created": created,
-                "model": api.model,
+                "model": body.model,
                 "system_fingerprint": api.fingerprint(version),
                 "choices": [
                     {
@@ -603,7 +621,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
         started: float,
         chunk: Callable[[int, int, StreamEvent], dict[str, Any]],
     ) -> StreamingResponse:
-        events = api.events(prompts, samplings)
+        events = api.events(body.model, prompts, samplings)
         # The first event before the headers: its version goes into x-factpatch-version, and a
         # request refused by the runtime still gets a plain error response.
         first = await run_in_threadpool(next, events, None)
@@ -655,7 +673,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                     {
                         "id": "usage",
                         "object": "usage",
-                        "model": api.model,
+                        "model": body.model,
                         "system_fingerprint": api.fingerprint(version),
                         "choices": [],
                         "usage": _usage(prompt_tokens, generated),

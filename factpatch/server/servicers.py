@@ -322,7 +322,8 @@ class GenerateService(pb_grpc.GenerateServiceServicer):
         self.fe.check_prompt("prompt", request.prompt)
         sampling = self.fe.sampling(request)
         started, first = time.perf_counter(), True
-        for event in stream(self.fe.serving(), request.prompt, sampling):
+        version = request.version if request.HasField("version") else None
+        for event in stream(self.fe.serving(), request.prompt, sampling, version):
             if not context.is_active():
                 return
             self.fe.check_deadline(started, context)
@@ -346,7 +347,8 @@ class GenerateService(pb_grpc.GenerateServiceServicer):
         self.fe.check_prompt("prompt", request.prompt)
         self.fe.check_prompt("continuation", request.continuation)
         with metrics.timed(metrics.INFERENCE_DURATION.labels("score", "grpc")):
-            s = score(self.fe.serving(), request.prompt, request.continuation)
+            version = request.version if request.HasField("version") else None
+            s = score(self.fe.serving(), request.prompt, request.continuation, version)
         return pb.ScoreResponse(
             logprob=s.logprob, token_logprobs=s.token_logprobs, tokens=s.tokens, version=s.version
         )
@@ -403,10 +405,11 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
     @rpc
     def ModelInfer(self, request: Any, context: Any) -> Any:
         self._check_model(request.model_name)
-        if request.model_version and request.model_version != str(self.fe.replica.version):
-            raise ValueError(
-                f"model_version: only the head version {self.fe.replica.version} is served"
-            )
+        version = None  # the live version; or any committed one, by number
+        if request.model_version:
+            if not (request.model_version.isascii() and request.model_version.isdigit()):
+                raise ValueError(f"model_version: {request.model_version!r} is not a number")
+            version = int(request.model_version)
         texts = _input_texts(request)
         if len(texts) > self.fe.settings.max_batch:
             raise LimitExceeded(f"inputs: {len(texts)} texts exceeds max-batch")
@@ -422,6 +425,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 list(texts),
                 [sampling] * len(texts),
                 lambda: self.fe.check_deadline(started, context),
+                version,
             )
         metrics.GENERATED_TOKENS.labels("oip").inc(sum(o.completion_tokens for o in outs))
         raw = b"".join(struct.pack("<I", len(b)) + b for b in (o.text.encode() for o in outs))

@@ -1,0 +1,70 @@
+"""Any committed version on any request, from a replica that holds another (per-request
+versions, for A/B comparisons and for requests that outlive a swap).
+
+Every delta is low-rank factors, so version N's weights differ from the live version H's by
+``Σ_{edits only in N} left rightᵀ − Σ_{edits only in H} left rightᵀ`` on the modules they touch.
+A forward hook adds that difference to those modules' outputs, ``(x R) Lᵀ``, for the rows of a
+batch that want N only, in the calling thread only (:func:`factpatch.models.hooks.thread_hooks`):
+no second model, no weight written.  The result equals a replica materialised at N up to float
+round-off (the materialised weights add ΔW before the matmul, the hook adds it after).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from factpatch.runtime.replica import Replica
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (left [out, r], right [in, r])
+
+
+def version_diff(replica: Replica, live: int, wanted: int) -> Factors:
+    """Factors that turn version ``live``'s weights into version ``wanted``'s (float32, on the
+    model's device); cached per pair (versions never change)."""
+    key = (live, wanted)
+    cache = replica.diffs
+    if key not in cache:
+        have, want = replica.ledger.get(live).edits, replica.ledger.get(wanted).edits
+        lefts: dict[str, list[torch.Tensor]] = {}
+        rights: dict[str, list[torch.Tensor]] = {}
+        terms = [(e, 1.0) for e in want if e not in have] + [
+            (e, -1.0) for e in have if e not in want
+        ]
+        for edit_id, sign in terms:
+            for path, (left, right) in replica.delta(edit_id).factors.items():
+                lefts.setdefault(path, []).append(sign * left.float())
+                rights.setdefault(path, []).append(right.float())
+        device = replica.handle.device
+        if len(cache) >= 64:
+            cache.pop(next(iter(cache)))
+        cache[key] = {
+            p: (torch.cat(lefts[p], 1).to(device), torch.cat(rights[p], 1).to(device))
+            for p in lefts
+        }
+    return cache[key]
+
+
+def version_hooks(replica: Replica, live: int, rows: list[int]) -> list[tuple[Any, Any]]:
+    """Forward hooks (for ``thread_hooks``) that serve row i of the next forward pass at
+    version ``rows[i]`` on weights that are at version ``live``."""
+    if replica.gate is not None and any(v != live for v in rows):
+        raise ValueError("version: a key-gated replica serves only its live version")
+    per_path: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for version in sorted(set(rows) - {live}):
+        index = torch.tensor([i for i, v in enumerate(rows) if v == version])
+        for path, (left, right) in version_diff(replica, live, version).items():
+            per_path.setdefault(path, []).append((index.to(left.device), left, right))
+
+    def hook(terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Any:
+        def add(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]  # [rows, T, in]
+            for index, left, right in terms:
+                extra = (x[index].float() @ right) @ left.T  # [n, T, out]
+                output = output.index_add(0, index, extra.to(output.dtype))
+            return output
+
+        return add
+
+    return [(replica.handle.module(path), hook(terms)) for path, terms in per_path.items()]
