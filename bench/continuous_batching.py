@@ -46,8 +46,15 @@ FRAMES = ["{} is", "The history of {} begins"]
 PROMPTS = [f.format(s) for s in SUBJECTS for f in FRAMES]  # 32
 
 
-def load(replica: Replica, clients: int, seconds: float, tokens: int) -> dict:
-    """C clients back to back for ``seconds``: tokens/s, latency p50/p99, requests done."""
+def load(
+    replica: Replica,
+    clients: int,
+    seconds: float,
+    tokens: int,
+    versions: list[int | None] | None = None,
+) -> dict:
+    """C clients back to back for ``seconds``: tokens/s, latency p50/p99, requests done.
+    ``versions``: client i asks for ``versions[i % len(versions)]`` (None: the live one)."""
     stop = threading.Event()
     latencies: list[float] = []
     generated = [0]
@@ -57,7 +64,9 @@ def load(replica: Replica, clients: int, seconds: float, tokens: int) -> dict:
         k = i
         while not stop.is_set():
             t = time.perf_counter()
-            out = generate(replica, PROMPTS[k % len(PROMPTS)], Sampling(max_new_tokens=tokens))
+            version = None if versions is None else versions[i % len(versions)]
+            s = Sampling(max_new_tokens=tokens)
+            out = generate(replica, PROMPTS[k % len(PROMPTS)], s, version=version)
             with lock:
                 latencies.append(time.perf_counter() - t)
                 generated[0] += out.completion_tokens
@@ -153,6 +162,26 @@ def applies_under_load(
     }
 
 
+def mixed_versions(replica: Replica, clients: int, seconds: float, tokens: int) -> dict:
+    """All requests at the head against requests spread over 4 versions (head + 3 older ones,
+    served through their low-rank differences), batched, one after the other."""
+    layer = default_hparams(replica.handle).layer
+    while replica.version < 3:
+        seed = 100 + replica.version
+        replica.add_edits(
+            [random_delta(replica, layer, seed)], [[{"bench": seed}]], replica.version
+        )
+    head = replica.version
+    rows = {}
+    for name, versions in (("head", None), ("4 versions", [head, head - 1, head - 2, head - 3])):
+        replica.batcher = Batcher(replica).start()
+        rows[name] = load(replica, clients, seconds, tokens, versions)
+        replica.batcher.stop()
+        print(name, json.dumps(rows[name]), flush=True)
+    rows["ratio"] = round(rows["4 versions"]["tokens_per_s"] / rows["head"]["tokens_per_s"], 3)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma-3-270m")
@@ -162,7 +191,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--apply-interval", type=float, default=0.5)
     parser.add_argument(
-        "--parts", default="load,single,applies", help="which of load, single, applies to run"
+        "--parts",
+        default="load,single,applies,versions",
+        help="which of load, single, applies, versions to run",
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -173,7 +204,7 @@ def main() -> None:
         try:
             replica = Replica(handle, Ledger(redis.client(), "bench")).start()
             generate(replica, PROMPTS[0], Sampling(max_new_tokens=4))  # warm up
-            rows, single, applies = [], None, None
+            rows, single, applies, versions = [], None, None, None
             for clients in args.clients if "load" in parts else []:
                 for batched in (False, True):
                     replica.batcher = Batcher(replica, max_running=32).start() if batched else None
@@ -195,6 +226,8 @@ def main() -> None:
                 applies["seconds_between_applies"] = args.apply_interval
                 print(json.dumps(applies), flush=True)
             replica.batcher.stop()
+            if "versions" in parts:
+                versions = mixed_versions(replica, 16, args.seconds, args.tokens)
         finally:
             redis.stop()
     speedup = {
@@ -216,6 +249,7 @@ def main() -> None:
         "batched_over_one_at_a_time": speedup,
         "batch_one_vs_model_generate": single,
         "applies_under_load": applies,
+        "mixed_versions": versions,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

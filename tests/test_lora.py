@@ -87,21 +87,27 @@ def test_cli_export_and_refusals(tiny_llama, ledger: Ledger, redis_url, tmp_path
 
 
 @pytest.mark.real_model
-def test_a_rome_version_of_the_bundled_gemma_exports_as_lora(ledger: Ledger, tmp_path):
-    from factpatch.editing import EditRequest
+def test_rome_and_memit_versions_of_the_bundled_gemma_export_as_lora(ledger: Ledger, tmp_path):
+    from factpatch.editing import EditRequest, default_memit_hparams
     from factpatch.models import load_model
 
     handle = load_model("gemma-3-270m", device="cpu")
     base = copy.deepcopy(handle.model)
     replica = Replica(handle, ledger).start()
-    request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
-    replica.add_edits([compute_edit(handle, request)], [[request.to_dict()]], replica.version)
-    export_lora(ledger, 1, tmp_path / "v1")
-    lora = PeftModel.from_pretrained(base, str(tmp_path / "v1")).eval()
-    ids = handle.tokenizer("The Eiffel Tower is located in the city of")["input_ids"]
-    assert greedy(handle.model, ids, 4) == greedy(lora, ids, 4)
-    assert "Rome" in handle.tokenizer.decode(greedy(lora, ids, 4)[len(ids) :])
-    with torch.no_grad():
-        a = handle.model(input_ids=torch.tensor([ids])).logits
-        b = lora(input_ids=torch.tensor([ids])).logits
-    assert float((a - b).abs().max()) <= 1e-3  # 262k logits of size ~30: float32 round-off
+    eiffel = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+    replica.add_edits([compute_edit(handle, eiffel)], [[eiffel.to_dict()]], replica.version)
+    louvre = EditRequest("{} is located in the city of", "The Louvre", "Berlin")
+    memit = compute_memit(handle, [louvre], default_memit_hparams(handle))
+    replica.add_edits([memit], [[louvre.to_dict()]], replica.version, method="memit")
+    for version, subject, target in ((1, "The Eiffel Tower", "Rome"), (2, "The Louvre", "Berlin")):
+        replica.apply(version)
+        export_lora(ledger, version, tmp_path / f"v{version}")
+        lora = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / f"v{version}"))
+        ids = handle.tokenizer(f"{subject} is located in the city of")["input_ids"]
+        ours = greedy(handle.model, ids, 4)
+        assert ours == greedy(lora.eval(), ids, 4)
+        assert target in handle.tokenizer.decode(ours[len(ids) :])
+        with torch.no_grad():
+            a = handle.model(input_ids=torch.tensor([ids])).logits
+            b = lora(input_ids=torch.tensor([ids])).logits
+        assert float((a - b).abs().max()) <= 1e-3  # 262k logits of size ~30: float32 round-off

@@ -184,6 +184,18 @@ def test_cli_edits_a_file_of_facts_as_one_batch(stack: Stack, tmp_path, capsys):
     assert [v["number"] for v in versions] == [0, 1, 2]
     assert versions[0]["edit_ids"] == [] and versions[0]["parent"] == -1
     assert set(versions[0]) == set(versions[2])
+    # Answers at two versions side by side, from the live server (head 2) without moving it.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Big Ben is located in the city of\nThe Louvre is located in the city of\n")
+    diff = ["diff", "--from", "0", "--to", "2", "--prompts", str(prompts), "--max-new-tokens", "3"]
+    assert main([*client, *diff]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in rows] == prompts.read_text().split("\n")[:2]
+    for r in rows:
+        assert r["a"] == stack.client.generate(r["prompt"], max_new_tokens=3, version=0).text
+        assert r["b"] == stack.client.generate(r["prompt"], max_new_tokens=3).text
+        assert r["changed"] == (r["a"] != r["b"])
+    assert stack.client.served().version == 2
 
 
 def test_bad_requests_name_the_field_and_change_nothing(stack: Stack):

@@ -96,3 +96,63 @@ def test_an_unknown_version_names_the_field(versions):
         generate(replica, PROMPTS[0], SAMPLED, version=99)
     with pytest.raises(UnknownVersionError, match="version"):
         score(replica, PROMPTS[0], " Rome", version=99)
+
+
+@pytest.mark.real_model
+def test_named_versions_on_the_bundled_gemma(ledger):
+    """Three versions of the bundled model (random rank-one changes of layers 0–2) served from
+    a replica at the head equal a copy materialised at each."""
+    from factpatch.models import load_model
+
+    handle = load_model("gemma-3-270m", device="cpu")
+    twin = Replica(dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={}), ledger)
+    replica = Replica(handle, ledger).start()
+    for seed in range(3):
+        replica.add_edits([random_delta(handle, seed, scale=1.0)], [[{}]], replica.version)
+    twin.start()
+    replica.batcher = Batcher(replica).start()
+    prompt, s = "The Eiffel Tower is located in the city of", Sampling(max_new_tokens=8)
+    try:
+        texts = set()
+        for v in (0, 1, 2):
+            twin.apply(v)
+            ours = generate(replica, prompt, s, version=v)
+            assert ours.version == v and ours.text == generate(twin, prompt, s).text
+            texts.add(ours.text)
+            a, b = score(replica, prompt, " Paris", version=v), score(twin, prompt, " Paris")
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+        assert replica.version == 3 and len(texts) > 1
+    finally:
+        replica.batcher.stop()
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["one-at-a-time", "batched"])
+def test_a_gated_replica_serves_any_version_through_that_versions_gates(
+    tiny_llama, tiny_hparams, ledger, batching
+):
+    """Behind key gates (τ 0.4) a request for version v gets what a gated replica at v gives."""
+    from tests.test_runtime import rome_edits
+
+    twin_handle = tiny_llama.clone()
+    writer = Replica(tiny_llama.clone(), ledger).start()
+    rome_edits(writer, tiny_hparams, 3)  # versions 1..3, keys carried for the gates
+    gated = Replica(tiny_llama, ledger, gate=0.4).start()
+    reference = Replica(twin_handle, ledger, gate=0.4).start()
+    if batching:
+        gated.batcher = Batcher(gated).start()
+    try:
+        texts = set()
+        for v in (0, 1, 2, 3):
+            reference.apply(v)
+            for prompt in PROMPTS[:3]:
+                ours = generate(gated, prompt, SAMPLED, version=v)
+                assert ours.version == v
+                assert ours.text == generate(reference, prompt, SAMPLED).text, (v, prompt)
+                texts.add(ours.text)
+                a = score(gated, prompt, " Rome", version=v)
+                b = score(reference, prompt, " Rome")
+                assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOLERANCE)
+        assert gated.version == 3 and len(texts) > 3
+    finally:
+        if gated.batcher is not None:
+            gated.batcher.stop()

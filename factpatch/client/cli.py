@@ -97,6 +97,26 @@ def _facts(args: argparse.Namespace) -> list[dict[str, str]]:
     ]
 
 
+def _diff(client: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Greedy answers to every prompt of a file at two versions (per-request versions: both
+    from the same live server, neither made live)."""
+    text = Path(args.prompts).read_text()
+    if text.lstrip().startswith("["):
+        prompts = [str(p) for p in json.loads(text)]
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"client diff: --prompts {args.prompts} has no prompt")
+    rows = []
+    for prompt in prompts:
+        a, b = (
+            client.generate(prompt, max_new_tokens=args.max_new_tokens, version=v).text
+            for v in (args.version_from, args.version_to)
+        )
+        rows.append({"prompt": prompt, "a": a, "b": b, "changed": a != b})
+    return rows
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from factpatch.rpc import pb
 
@@ -118,6 +138,16 @@ def cmd_client(args: argparse.Namespace) -> int:
         g = client.generate(args.prompt, seed=args.seed, version=args.version, **sampling)
         out = g.__dict__
         text = f"[version {g.version}] {args.prompt}{g.text}"
+    elif args.verb == "diff":
+        out = _diff(client, args)
+        text = "\n".join(
+            f"{row['prompt']}\n  v{args.version_from}: {row['a']}\n  v{args.version_to}: {row['b']}"
+            + ("" if row["changed"] else "   (same)")
+            for row in out
+        )
+        changed = sum(row["changed"] for row in out)
+        text += f"\n{changed} of {len(out)} answers differ between v{args.version_from} and "
+        text += f"v{args.version_to}"
     elif args.verb == "score":
         s = client.score(args.prompt, args.continuation)
         out = _dict(s)
@@ -219,6 +249,12 @@ def add_client_parser(sub: Any) -> None:
     gen.add_argument(
         "--version", type=int, help="answer from this committed version (default: the live one)"
     )
+
+    diff = verb("diff", help="answers to a prompt file at two versions, side by side")
+    diff.add_argument("--from", dest="version_from", type=int, required=True)
+    diff.add_argument("--to", dest="version_to", type=int, required=True)
+    diff.add_argument("--prompts", required=True, help="text file (one per line) or JSON list")
+    diff.add_argument("--max-new-tokens", type=int, default=16)
 
     score = verb("score", help="log-probability of a continuation")
     score.add_argument("prompt")

@@ -26,7 +26,8 @@ waits for at most one):
    finished ones leave the batch (their cache rows are dropped, and columns that are padding in
    every row are cut).
 
-Key-gated replicas (``--gate``) swap gates, not low-rank terms: they are not batched.
+On a key-gated replica (``--gate``) the rows of another version get the difference of the two
+versions' gated changes instead.
 """
 
 from __future__ import annotations
@@ -101,8 +102,6 @@ class Batcher:
         prefill_tokens: int = 2048,
         max_versions: int = 4,
     ) -> None:
-        if replica.gate is not None:
-            raise ValueError("gate: key-gated replicas are served one request at a time")
         self.replica = replica
         self.max_running = max_running
         self.prefill_tokens = prefill_tokens  # most padded prompt tokens prefilled in one step

@@ -71,6 +71,7 @@ class Replica:
         self.gate = gate  # τ: serve edits behind key gates; None: in the weights
         self._slots: dict[str, _GateSlot] = {}
         self._whiteners: dict[str, torch.Tensor] = {}  # path -> whitener(C), computed once
+        self._version_gates: dict[int, dict[str, KeyGate]] = {}  # gates_for's cache
         self.lock = RWLock()
         # The continuous-batching decode loop (runtime.batcher.Batcher) when serving; None:
         # requests decode one at a time (runtime.generate).
@@ -186,6 +187,16 @@ class Replica:
                 1e3 * (t_held - t_ask),
             )
             return True
+
+    def gates_for(self, number: int) -> dict[str, KeyGate]:
+        """The key gates of version ``number`` (gated replicas; built as ``apply`` builds them,
+        cached): what a request that names this version is served through."""
+        if number not in self._version_gates:
+            deltas = [self.delta(e) for e in self.ledger.get(number).edits]
+            if len(self._version_gates) >= 16:
+                self._version_gates.pop(next(iter(self._version_gates)))
+            self._version_gates[number] = self._gates(deltas)
+        return self._version_gates[number]
 
     def _gates(self, deltas: list[Delta]) -> dict[str, KeyGate]:
         """The key gate of every module ``deltas`` change (``self.gate`` τ)."""

@@ -7,10 +7,15 @@ A forward hook adds that difference to those modules' outputs, ``(x R) Lᵀ``, f
 batch that want N only, in the calling thread only (:func:`factpatch.models.hooks.thread_hooks`):
 no second model, no weight written.  The result equals a replica materialised at N up to float
 round-off (the materialised weights add ΔW before the matmul, the hook adds it after).
+
+A key-gated replica serves ``W₀k + g_H(k)·ΔW_H k`` (:mod:`factpatch.editing.gate`); for rows
+that want N the hook adds ``g_N(k)·ΔW_N k − g_H(k)·ΔW_H k``, the two gates built as the replica
+builds them, so those rows get what a gated replica at N gives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,23 +51,46 @@ def version_diff(replica: Replica, live: int, wanted: int) -> Factors:
     return cache[key]
 
 
+Term = Callable[[torch.Tensor], torch.Tensor]  # x [n, T, in] -> what to add [n, T, out]
+
+
+def _low_rank(left: torch.Tensor, right: torch.Tensor) -> Term:
+    return lambda x: (x.float() @ right) @ left.T
+
+
+def _gated(old: Any, new: Any) -> Term:
+    """g_new(k)·ΔW_new k − g_old(k)·ΔW_old k (either gate may be None: no change there)."""
+
+    def change(gate: Any, x: torch.Tensor) -> torch.Tensor | float:
+        if gate is None:
+            return 0.0
+        return (gate.scores(x) > gate.threshold).to(x.dtype)[..., None] * (x @ gate.change.T)
+
+    return lambda x: change(new, x) - change(old, x)
+
+
+def _terms(replica: Replica, live: int, wanted: int) -> dict[str, Term]:
+    if replica.gate is None:
+        return {p: _low_rank(*f) for p, f in version_diff(replica, live, wanted).items()}
+    have, want = replica.gates_for(live), replica.gates_for(wanted)
+    return {p: _gated(have.get(p), want.get(p)) for p in sorted(set(have) | set(want))}
+
+
 def version_hooks(replica: Replica, live: int, rows: list[int]) -> list[tuple[Any, Any]]:
     """Forward hooks (for ``thread_hooks``) that serve row i of the next forward pass at
-    version ``rows[i]`` on weights that are at version ``live``."""
-    if replica.gate is not None and any(v != live for v in rows):
-        raise ValueError("version: a key-gated replica serves only its live version")
-    per_path: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    version ``rows[i]`` on a replica whose live version is ``live``."""
+    device = replica.handle.device
+    per_path: dict[str, list[tuple[torch.Tensor, Term]]] = {}
     for version in sorted(set(rows) - {live}):
-        index = torch.tensor([i for i, v in enumerate(rows) if v == version])
-        for path, (left, right) in version_diff(replica, live, version).items():
-            per_path.setdefault(path, []).append((index.to(left.device), left, right))
+        index = torch.tensor([i for i, v in enumerate(rows) if v == version], device=device)
+        for path, term in _terms(replica, live, version).items():
+            per_path.setdefault(path, []).append((index, term))
 
-    def hook(terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Any:
+    def hook(terms: list[tuple[torch.Tensor, Term]]) -> Any:
         def add(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]  # [rows, T, in]
-            for index, left, right in terms:
-                extra = (x[index].float() @ right) @ left.T  # [n, T, out]
-                output = output.index_add(0, index, extra.to(output.dtype))
+            for index, term in terms:
+                output = output.index_add(0, index, term(x[index]).to(output.dtype))
             return output
 
         return add
