@@ -1,19 +1,22 @@
 """Generation and scoring on a live replica, each request on exactly one version.
 
-A forward pass (one prefill or one decode step) holds the read side of the replica's lock, so
-a weight swap waits at most for the steps already running and blocks new steps only for the
-copy itself.  A request notes the version of its first step; if a later step finds another
-version live, the request is restarted from the prompt on the new version (its KV cache was
-computed with the old weights).  After ``MAX_RESTARTS`` restarts it holds the read side for its
-whole length instead, so it always finishes.  Either way every token of a response comes from
-the version the response names.  A stream signals a restart with an event whose ``restart`` is
-true: the client discards the text received so far.
+Two paths, the same guarantees (every token of a response comes from the version it names):
 
-Several sequences of one request (``complete``, ``stream_all``: the OpenAI API's ``n`` and
-prompt lists) come from one version too: ``complete`` runs them again when a swap fell between
-two of them, and its last attempt holds the read side across all of them; ``stream_all`` cannot
-take back text it has sent, so it holds the read side from its first step to its last (a swap
-waits for it, at most ``max_new_tokens`` steps per sequence).
+* **Batched** (the replica has a :class:`~factpatch.runtime.batcher.Batcher`, as every server
+  does by default): the request's sequences join the replica's decode loop as one group, at
+  the version the request names or else the live one when admitted, and keep it to the end
+  (:mod:`factpatch.runtime.versions`): nothing restarts, a swap waits for one global step.
+* **One at a time** (no batcher): a forward pass (one prefill or one decode step) holds the
+  read side of the replica's lock, so a weight swap waits at most for the steps already running.
+  A request that names a version is served at it whatever is live.  One that does not notes the
+  version of its first step; if a later step finds another version live, it restarts from the
+  prompt on the new version (its KV cache was computed with the old weights), and after
+  ``MAX_RESTARTS`` restarts it holds the read side for its whole length, so it always finishes.
+  A stream signals a restart with an event whose ``restart`` is true: the client discards the
+  text received so far.  Several sequences of one request (``complete``, ``stream_all``: the
+  OpenAI API's ``n`` and prompt lists) come from one version too: ``complete`` runs them again
+  when a swap fell between two of them and pins its last attempt; ``stream_all`` cannot take
+  back text it has sent, so it holds the read side from its first step to its last.
 """
 
 from __future__ import annotations
