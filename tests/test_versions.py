@@ -17,7 +17,7 @@ from tests.test_batcher import PROMPTS
 from tests.test_runtime import random_delta
 
 SAMPLED = Sampling(max_new_tokens=12, temperature=1.0, seed=5)  # sensitive to every logit
-LOGPROB_TOLERANCE = 1e-4  # measured: differences of order 1e-6 (float32)
+LOGPROB_TOLERANCE = 1e-4  # measured: at most 1.9e-6 over every family (float32)
 
 
 @pytest.fixture
