@@ -77,6 +77,7 @@ class Replica:
         # requests decode one at a time (runtime.generate).
         self.batcher: Any = None
         self.diffs: dict[tuple[int, int], Any] = {}  # runtime.versions.version_diff's cache
+        self.diffs_lock = threading.Lock()
         self.version = 0
         self.fault: str | None = None
         self.started = False
@@ -191,12 +192,13 @@ class Replica:
     def gates_for(self, number: int) -> dict[str, KeyGate]:
         """The key gates of version ``number`` (gated replicas; built as ``apply`` builds them,
         cached): what a request that names this version is served through."""
-        if number not in self._version_gates:
-            deltas = [self.delta(e) for e in self.ledger.get(number).edits]
-            if len(self._version_gates) >= 16:
-                self._version_gates.pop(next(iter(self._version_gates)))
-            self._version_gates[number] = self._gates(deltas)
-        return self._version_gates[number]
+        with self.diffs_lock:  # the batcher and request threads share the cache
+            if number not in self._version_gates:
+                deltas = [self.delta(e) for e in self.ledger.get(number).edits]
+                self._version_gates[number] = self._gates(deltas)
+                while len(self._version_gates) > 16:
+                    self._version_gates.pop(next(iter(self._version_gates)))
+            return self._version_gates[number]
 
     def _gates(self, deltas: list[Delta]) -> dict[str, KeyGate]:
         """The key gate of every module ``deltas`` change (``self.gate`` τ)."""

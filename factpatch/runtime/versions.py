@@ -30,25 +30,27 @@ def version_diff(replica: Replica, live: int, wanted: int) -> Factors:
     model's device); cached per pair (versions never change)."""
     key = (live, wanted)
     cache = replica.diffs
-    if key not in cache:
-        have, want = replica.ledger.get(live).edits, replica.ledger.get(wanted).edits
-        lefts: dict[str, list[torch.Tensor]] = {}
-        rights: dict[str, list[torch.Tensor]] = {}
-        terms = [(e, 1.0) for e in want if e not in have] + [
-            (e, -1.0) for e in have if e not in want
-        ]
-        for edit_id, sign in terms:
-            for path, (left, right) in replica.delta(edit_id).factors.items():
-                lefts.setdefault(path, []).append(sign * left.float())
-                rights.setdefault(path, []).append(right.float())
-        device = replica.handle.device
-        if len(cache) >= 64:
-            cache.pop(next(iter(cache)))
-        cache[key] = {
-            p: (torch.cat(lefts[p], 1).to(device), torch.cat(rights[p], 1).to(device))
-            for p in lefts
-        }
-    return cache[key]
+    with replica.diffs_lock:  # the batcher and request threads share the cache
+        if key not in cache:
+            cache[key] = _diff(replica, live, wanted)
+            while len(cache) > 64:
+                cache.pop(next(iter(cache)))
+        return cache[key]
+
+
+def _diff(replica: Replica, live: int, wanted: int) -> Factors:
+    have, want = replica.ledger.get(live).edits, replica.ledger.get(wanted).edits
+    lefts: dict[str, list[torch.Tensor]] = {}
+    rights: dict[str, list[torch.Tensor]] = {}
+    terms = [(e, 1.0) for e in want if e not in have] + [(e, -1.0) for e in have if e not in want]
+    for edit_id, sign in terms:
+        for path, (left, right) in replica.delta(edit_id).factors.items():
+            lefts.setdefault(path, []).append(sign * left.float())
+            rights.setdefault(path, []).append(right.float())
+    device = replica.handle.device
+    return {
+        p: (torch.cat(lefts[p], 1).to(device), torch.cat(rights[p], 1).to(device)) for p in lefts
+    }
 
 
 Term = Callable[[torch.Tensor], torch.Tensor]  # x [n, T, in] -> what to add [n, T, out]
