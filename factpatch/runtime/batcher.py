@@ -54,12 +54,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Step:
-    """One token of one sequence; ``restart``: the weights changed, the sequence is aborted."""
+    """One token of one sequence, and the version that produced it."""
 
     token: int
     version: int
     logits: torch.Tensor | None = None  # [V], when the request asked for log-probabilities
-    restart: bool = False
 
 
 @dataclass(eq=False)
@@ -87,10 +86,6 @@ class Group:
     sequences: list[Sequence] = field(default_factory=list)
     version: int | None = None  # requested, or the live version once admitted
 
-    @property
-    def finished(self) -> bool:
-        return all(s.done or s.cancelled for s in self.sequences)
-
 
 class Batcher:
     """The decode loop of one replica; :meth:`submit` from any thread."""
@@ -106,13 +101,9 @@ class Batcher:
         self.max_running = max_running
         self.prefill_tokens = prefill_tokens  # most padded prompt tokens prefilled in one step
         self.max_versions = max_versions  # most distinct versions in one batch
-        model, tok = replica.handle.model, replica.handle.tokenizer
-        eos = model.generation_config.eos_token_id
-        eos = tok.eos_token_id if eos is None else eos
-        self.eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-        self._cache_arg = cache_arg(model)
+        self.eos = eos_ids(replica.handle)
+        self._cache_arg = cache_arg(replica.handle.model)
         self._waiting: deque[Group] = deque()
-        self._groups: list[Group] = []  # admitted and not finished
         self._rows: list[Sequence] = []  # the batch cache's rows, in order
         self._cache: Any = None  # DynamicCache over the rows, T columns
         self._mask: torch.Tensor | None = None  # [rows, T]: 1 a token, 0 left padding
@@ -208,14 +199,10 @@ class Batcher:
             seq.done = token in self.eos or seq.produced >= seq.sampling.max_new_tokens
         if self._rows:
             self._last = torch.tensor(tokens, device=self.replica.handle.device)
-        for seq in self._rows:
-            if seq.done:
-                seq.close()
-        for group in [g for g in self._groups if g.finished]:
-            for seq in group.sequences:
-                seq.close()
-        self._groups = [g for g in self._groups if not g.finished]
-        self._remove([s for s in self._rows if s.done])
+        done = [s for s in self._rows if s.done]
+        for seq in done:
+            seq.close()
+        self._remove(done)
 
     # -- the batch cache ---------------------------------------------------------------------
 
@@ -275,7 +262,6 @@ class Batcher:
             self._waiting = kept
         seqs = []
         for group in ready:
-            self._groups.append(group)
             for seq in group.sequences:
                 if seq.cancelled:
                     seq.close()
@@ -353,13 +339,20 @@ class Batcher:
         self._rows = []
 
     def _fail_all(self, err: BaseException) -> None:
+        """Every running and waiting sequence ends with ``err``."""
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
-        for group in [*self._groups, *waiting]:
-            for seq in group.sequences:
-                seq.close(err)
-        self._groups = []
+        for seq in [*self._rows, *(s for g in waiting for s in g.sequences)]:
+            seq.close(err)
         self._clear()
+
+
+def eos_ids(handle: Any) -> set[int]:
+    """The tokens that end a sequence: the generation config's, else the tokenizer's."""
+    eos = handle.model.generation_config.eos_token_id
+    if eos is None:
+        eos = handle.tokenizer.eos_token_id
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 
 
 def cache_arg(model: torch.nn.Module) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from factpatch.models.hooks import thread_hooks
-from factpatch.runtime.batcher import Batcher, cache_arg
+from factpatch.runtime.batcher import Batcher, cache_arg, eos_ids
 from factpatch.runtime.replica import Replica
 from factpatch.runtime.sampling import Sampling, TokenLogprob, choose, token_logprob
 from factpatch.runtime.versions import version_hooks
@@ -119,11 +119,8 @@ def _direct_steps(
 
 
 def _batched_steps(seq: Any, s: Sampling) -> Iterator[RawStep]:
-    """One sequence of a group the batcher runs; its abort (the weights changed) is a
-    VersionChanged here."""
+    """One sequence of a group the batcher runs (at its version to the end: no restarts)."""
     for step in Batcher.steps(seq):
-        if step.restart:
-            raise VersionChanged
         yield step.token, step.version, _logprob(step.logits, step.token, s)
 
 
@@ -166,7 +163,7 @@ def _sequences(
 def _decode(replica: Replica, steps: Iterator[RawStep], s: Sampling) -> Iterator[StreamEvent]:
     """Text events for one attempt of one sequence; the last one carries ``finish_reason``."""
     tok = replica.handle.tokenizer
-    eos = set(_eos_ids(replica))
+    eos = eos_ids(replica.handle)
     hold = max((len(x) for x in s.stop), default=1) - 1  # a stop string may be forming
     out: list[int] = []
     sent, version, finish, pending = 0, replica.version, "length", 0
@@ -195,13 +192,6 @@ def _decode(replica: Replica, steps: Iterator[RawStep], s: Sampling) -> Iterator
     if finish == "eos":
         text = tok.decode(out, skip_special_tokens=True)
     yield StreamEvent(text[sent:], version, finish_reason=finish, tokens=pending, logprobs=logprobs)
-
-
-def _eos_ids(replica: Replica) -> list[int]:
-    eos = replica.handle.model.generation_config.eos_token_id
-    if eos is None:
-        eos = replica.handle.tokenizer.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
 def stream(

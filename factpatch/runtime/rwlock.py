@@ -19,11 +19,6 @@ class RWLock:
         self._writer = False
         self._writers_waiting = 0
 
-    @property
-    def writers_waiting(self) -> int:
-        """Writers waiting for the readers to leave (a swap about to happen)."""
-        return self._writers_waiting
-
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:

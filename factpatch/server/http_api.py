@@ -325,10 +325,10 @@ class OpenAIApi:
         samplings = self.samplings(body, body.max_tokens, body.logprobs, len(prompts))
         return [p for p in prompts for _ in range(body.n)], samplings
 
-    def completion_logprobs(self, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    def completion_logprobs(self, items: list[TokenLogprob]) -> dict[str, Any]:
         tok = self.fe.replica.handle.tokenizer
         tokens = [tok.decode([x.token_id]) for x in items]
-        offsets, at = [], offset
+        offsets, at = [], 0
         for text in tokens:
             offsets.append(at)
             at += len(text)
@@ -488,66 +488,72 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
         card = {"id": api.model, "object": "model", "created": api.created, "owned_by": "factpatch"}
         return {"object": "list", "data": [card]}
 
+    def envelope(kind: str, obj: str, model: str) -> Callable[[int, list], dict[str, Any]]:
+        """The fields every response and chunk of one request carries, around its choices."""
+        rid, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
+
+        def wrap(version: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "system_fingerprint": api.fingerprint(version),
+                "choices": choices,
+            }
+
+        return wrap
+
+    async def whole(
+        route: str,
+        body: _Body,
+        prompts: list[Any],
+        samplings: list[Sampling],
+        started: float,
+        wrap: Callable[[int, list], dict[str, Any]],
+        choice: Callable[[int, str, list[TokenLogprob], str | None], dict[str, Any]],
+    ) -> JSONResponse:
+        """A non-streamed response: every sequence, then one answer with its usage."""
+        results = await run_in_threadpool(api.run, body.model, prompts, samplings)
+        version = results[0].version
+        record(results, route, started)
+        answer = wrap(
+            version,
+            [choice(i, r.text, r.logprobs, r.finish_reason) for i, r in enumerate(results)],
+        )
+        answer["usage"] = _usage(
+            sum(r.prompt_tokens for r in results[:: body.n]),  # each prompt once
+            sum(r.completion_tokens for r in results),
+        )
+        return JSONResponse(answer, headers=headers(version))
+
     @app.post("/v1/completions", response_model=None)
     async def completions(
         body: CompletionBody, _caller: str = Depends(api.caller)
     ) -> JSONResponse | StreamingResponse:
         prompts, samplings = api.completions(body)
         started = time.perf_counter()
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        wrap = envelope("cmpl", "text_completion", body.model)
+
+        def choice(
+            index: int, text: str, logprobs: list[TokenLogprob], finish: str | None
+        ) -> dict[str, Any]:
+            return {
+                "index": index,
+                "text": text,
+                "logprobs": None if body.logprobs is None else api.completion_logprobs(logprobs),
+                "finish_reason": FINISH.get(finish or ""),
+            }
+
         if body.stream:
-            return await stream_response(
-                "completions",
-                prompts,
-                samplings,
-                body,
-                started,
-                lambda version, index, event: {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": body.model,
-                    "system_fingerprint": api.fingerprint(version),
-                    "choices": [
-                        {
-                            "index": index,
-                            "text": event.text,
-                            "logprobs": api.completion_logprobs(event.logprobs)
-                            if body.logprobs is not None
-                            else None,
-                            "finish_reason": FINISH.get(event.finish_reason or ""),
-                        }
-                    ],
-                },
-            )
-        results = await run_in_threadpool(api.run, body.model, prompts, samplings)
-        version = results[0].version
-        record(results, "completions", started)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": api.fingerprint(version),
-                "choices": [
-                    {
-                        "index": i,
-                        "text": r.text,
-                        "logprobs": api.completion_logprobs(r.logprobs)
-                        if body.logprobs is not None
-                        else None,
-                        "finish_reason": FINISH[r.finish_reason],
-                    }
-                    for i, r in enumerate(results)
-                ],
-                "usage": _usage(
-                    sum(r.prompt_tokens for r in results[:: body.n]),
-                    sum(r.completion_tokens for r in results),
-                ),
-            },
-            headers=headers(version),
-        )
+
+            def chunk(version: int, index: int, event: StreamEvent) -> dict[str, Any]:
+                return wrap(
+                    version, [choice(index, event.text, event.logprobs, event.finish_reason)]
+                )
+
+            return await stream_response("completions", prompts, samplings, body, started, chunk)
+        return await whole("completions", body, prompts, samplings, started, wrap, choice)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(
@@ -555,59 +561,32 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
     ) -> JSONResponse | StreamingResponse:
         prompts, samplings = api.chat(body)
         started = time.perf_counter()
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        wrap = envelope("chatcmpl", "chat.completion", body.model)
+
+        def choice(
+            index: int, text: str, logprobs: list[TokenLogprob], finish: str | None
+        ) -> dict[str, Any]:
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": api.chat_logprobs(logprobs) if body.logprobs else None,
+                "finish_reason": FINISH.get(finish or ""),
+            }
+
         if body.stream:
             opened: set[int] = set()
 
             def chunk(version: int, index: int, event: StreamEvent) -> dict[str, Any]:
-                delta: dict[str, Any] = {"content": event.text}
-                if index not in opened:  # the first chunk of each choice names the role
-                    opened.add(index)
-                    delta = {"role": "assistant", **delta}
-                return {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": body.model,
-                    "system_fingerprint": api.fingerprint(version),
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": delta,
-                            "logprobs": api.chat_logprobs(event.logprobs)
-                            if body.logprobs
-                            else None,
-                            "finish_reason": FINISH.get(event.finish_reason or ""),
-                        }
-                    ],
-                }
+                one = choice(index, event.text, event.logprobs, event.finish_reason)
+                delta = one.pop("message")
+                if index in opened:  # only the first chunk of each choice names the role
+                    del delta["role"]
+                opened.add(index)
+                out = wrap(version, [{"index": index, "delta": delta, **one}])
+                return out | {"object": "chat.completion.chunk"}
 
             return await stream_response("chat", prompts, samplings, body, started, chunk)
-        results = await run_in_threadpool(api.run, body.model, prompts, samplings)
-        version = results[0].version
-        record(results, "chat", started)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": api.fingerprint(version),
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": r.text},
-                        "logprobs": api.chat_logprobs(r.logprobs) if body.logprobs else None,
-                        "finish_reason": FINISH[r.finish_reason],
-                    }
-                    for i, r in enumerate(results)
-                ],
-                "usage": _usage(
-                    results[0].prompt_tokens, sum(r.completion_tokens for r in results)
-                ),
-            },
-            headers=headers(version),
-        )
+        return await whole("chat", body, prompts, samplings, started, wrap, choice)
 
     def record(results: list[Generation], route: str, started: float) -> None:
         metrics.GENERATED_TOKENS.labels("openai").inc(sum(r.completion_tokens for r in results))
