@@ -152,6 +152,20 @@ def test_sampling_is_seeded(tiny_llama):
     assert ids(3, top_k=1) == greedy  # the top-1 softmax is the argmax
 
 
+def test_greedy_and_sampled_rows_in_one_batch_equal_two_batches(tiny_llama):
+    """A per-row top_k: the greedy rows read as a greedy batch, the sampled rows as a sampled
+    batch with the same seed (how text_report runs both settings in one decode)."""
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    n = len(PROMPTS)
+    mixed = generate(model, tok, PROMPTS * 2, max_new_tokens=12, top_k=[0] * n + [5] * n, seed=4)
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=12)
+    sampled = generate(model, tok, PROMPTS, max_new_tokens=12, top_k=5, seed=4)
+    assert [g.token_ids for g in mixed] == [g.token_ids for g in greedy + sampled]
+    assert [g.token_ids for g in sampled] != [g.token_ids for g in greedy]
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, tok, PROMPTS, top_k=[0, 5, 3, 0])  # two different k
+
+
 class _EosAs:
     """The tokenizer with another token id playing EOS."""
 

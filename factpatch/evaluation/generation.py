@@ -177,14 +177,19 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _choose(logits: torch.Tensor, top_k: int, gen: torch.Generator) -> torch.Tensor:
-    """Next ids [B] from last-position logits [B, V]: argmax, or a top-k softmax sample."""
-    if top_k <= 0:
-        return logits.argmax(-1)
-    values, index = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
-    probs = torch.softmax(values, -1).cpu()
-    pick = torch.multinomial(probs, 1, generator=gen).to(index.device)
-    return index.gather(-1, pick).squeeze(-1)
+def _choose(logits: torch.Tensor, top_k: list[int], gen: torch.Generator) -> torch.Tensor:
+    """Next ids [B] from last-position logits [B, V]: argmax for the rows whose ``top_k`` is 0,
+    a top-k softmax sample (one draw from ``gen`` over those rows together) for the others."""
+    chosen = logits.argmax(-1)
+    sampled = [row for row, k in enumerate(top_k) if k > 0]
+    if sampled:
+        k = min(top_k[sampled[0]], logits.shape[-1])
+        rows = torch.tensor(sampled, device=logits.device)
+        values, index = logits[rows].float().topk(k, dim=-1)
+        probs = torch.softmax(values, -1).cpu()
+        pick = torch.multinomial(probs, 1, generator=gen).to(index.device)
+        chosen[rows] = index.gather(-1, pick).squeeze(-1)
+    return chosen
 
 
 @torch.no_grad()
@@ -194,18 +199,22 @@ def generate(
     prompts: list[str],
     *,
     max_new_tokens: int = 32,
-    top_k: int = 0,
+    top_k: int | list[int] = 0,
     seed: int = 0,
     device: Any = None,
 ) -> list[Generated]:
     """Continue every prompt in one left-padded batch with the KV cache.
 
     ``top_k=0`` is greedy (the same tokens as generating each prompt alone); ``top_k>0`` samples
-    from the softmax over the k best tokens with a generator seeded by ``seed``.  A row stops at
-    the tokenizer's EOS.
+    from the softmax over the k best tokens with a generator seeded by ``seed``; a list gives
+    each prompt its own (the sampled rows share one k, and draw as if they were a batch of their
+    own).  A row stops at the tokenizer's EOS.
     """
     if not prompts:
         return []
+    top_k = top_k if isinstance(top_k, list) else [top_k] * len(prompts)
+    if len(top_k) != len(prompts) or len({k for k in top_k if k > 0}) > 1:
+        raise ValueError("top_k: one value, or one per prompt with a single k > 0")
     dev = _device(model, device)
     eos = tokenizer.eos_token_id
     ids, mask = _left_pad([list(tokenizer(p)["input_ids"]) for p in prompts], _pad_id(tokenizer))
@@ -283,9 +292,9 @@ def text_report(
     """
     prompts = subject_prompts(record)
     kw = dict(max_new_tokens=max_new_tokens, seed=seed, device=device)
-    greedy = generate(model, tokenizer, prompts, top_k=0, **kw)
-    sampled = generate(model, tokenizer, prompts, top_k=top_k, **kw)
-    everything = greedy + sampled
+    n = len(prompts)  # greedy and sampled in one batch: the head is read once per step
+    everything = generate(model, tokenizer, prompts * 2, top_k=[0] * n + [top_k] * n, **kw)
+    greedy, sampled = everything[:n], everything[n:]
     special = special_token_ids(tokenizer)
     reasons = Counter(
         r for g in everything if (r := is_degenerate(g.token_ids, special)) is not None
