@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from factpatch.cli import model_args
 from factpatch.editing import (
     SequentialState,
     compute_alphaedit,
@@ -33,6 +32,7 @@ from factpatch.editing import (
 )
 from factpatch.evaluation.counterfact import load_records, request_for
 from factpatch.models import load_model
+from factpatch.models.options import model_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared/data/counterfact/counterfact-train.json"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from factpatch.editing import apply_delta, base_weights, compute_edit, default_hparams, materialize
 from factpatch.editing.covariance import covariance_solver
-from factpatch.editing.rome import _build_batch, _capture, _head, _run_blocks
+from factpatch.editing.rome import _build_batch, _capture, _run_blocks, upper_modules
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import load_records, request_for
 from factpatch.models import load_model
@@ -62,7 +62,7 @@ def step_times(handle, request, hp, templates, repeats: int = 3) -> dict[str, fl
         with thread_hooks(forward=[(rewrite, add)]):
             hidden = _run_blocks(blocks, captured, range(hp.layer, handle.n_layers))
             picked = hidden[batch.nll_rows, batch.nll_pos]
-            log_probs = F.log_softmax(_head(handle, picked).float(), -1)
+            log_probs = F.log_softmax(upper_modules(handle, hp.layer).logits(picked).float(), -1)
             loss = -log_probs.gather(1, batch.nll_ids[:, None]).mean()
             torch.autograd.grad(loss, [delta])
 

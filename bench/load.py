@@ -24,11 +24,11 @@ import grpc
 import torch
 from timing import ms
 
-from factpatch.cli import model_args
 from factpatch.client import Client
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
 from factpatch.models import load_model
+from factpatch.models.options import model_args
 from factpatch.queue import JobQueue, JobState
 from factpatch.server import build_server
 from factpatch.store import EmbeddedRedis

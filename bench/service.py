@@ -22,11 +22,11 @@ import time
 import torch
 from timing import ms
 
-from factpatch.cli import model_args
 from factpatch.client import Client, JobHandle
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
 from factpatch.models import load_model
+from factpatch.models.options import model_args
 from factpatch.queue import JobQueue
 from factpatch.rpc import pb
 from factpatch.server import build_server

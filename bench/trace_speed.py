@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from factpatch.cli import model_args
 from factpatch.models import load_model
+from factpatch.models.options import model_args
 from factpatch.tracing import KINDS, trace, trace_kinds
 from factpatch.tracing.noise import subject_embedding_std
 from factpatch.tracing.reference import trace_reference

@@ -11,17 +11,8 @@ from typing import Any
 import torch
 
 from factpatch.editing.prompts import continuation_logprobs
-from factpatch.models.loading import DEFAULT_MODEL, ModelHandle, default_device
-
-
-def model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled alias, HF folder or .gguf")
-    parser.add_argument(
-        "--device", default=None, help=f"torch device (default: {default_device()})"
-    )
-    parser.add_argument(
-        "--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (fp32 on CPU)"
-    )
+from factpatch.models.loading import ModelHandle
+from factpatch.models.options import load_from_args, model_args
 
 
 def _hparam_args(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +49,6 @@ def set_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _load(args: argparse.Namespace) -> ModelHandle:
-    from factpatch.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
 @torch.no_grad()
 def _top_next(handle: ModelHandle, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"].to(handle.device)
@@ -96,7 +81,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from factpatch.editing import EditRequest, apply_delta, compute_edit
 
     request = EditRequest.from_prompt(args.prompt, args.subject, args.target, args.old)
-    handle = _load(args)
+    handle = load_from_args(args)
     hp = _hparams(handle, args)
     prompt = request.text
     old = args.old or _greedy(handle, prompt, 3).strip().split(" ")[0].strip(",.;:")
@@ -147,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.sequential is not None or args.method != "rome":
         return _cmd_eval_sequential(args)
-    handle = _load(args)
+    handle = load_from_args(args)
     hp = _hparams(handle, args)
     data = load_records(args.data)
     if args.known_facts:
@@ -203,7 +188,7 @@ def _cmd_eval_sequential(args: argparse.Namespace) -> int:
 
     if args.sequential is None:
         raise ValueError(f"--method {args.method}: give --sequential N (and --batch B)")
-    handle = _load(args)
+    handle = load_from_args(args)
     if args.method == "rome":
         hp = _hparams(handle, args)
     else:
@@ -303,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from factpatch.ledger.cli import add_ledger_parser
 
-    add_ledger_parser(sub, model_args)
+    add_ledger_parser(sub)
     _add_service_parsers(sub)
     from factpatch.tracing.cli import add_trace_parser
 

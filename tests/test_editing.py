@@ -18,7 +18,7 @@ from factpatch.editing import (
     materialize,
 )
 from factpatch.editing.prompts import continuation_logprobs
-from factpatch.editing.rome import _capture, _head, _run_blocks
+from factpatch.editing.rome import _capture, _run_blocks
 from factpatch.models import weights_hash
 
 
@@ -39,7 +39,7 @@ def test_upper_blocks_reproduce_the_full_forward(tiny):
     for layer in (0, 2):
         captured, _ = _capture(tiny, ids, layer)
         hidden = _run_blocks(tiny.module(tiny.adapter.blocks), captured, range(layer, 4))
-        logits = _head(tiny, hidden[0])
+        logits = tiny.logits(hidden[0])
         torch.testing.assert_close(logits, tiny.model(input_ids=ids).logits[0])
     assert all_hooks(tiny) == 0
 
@@ -192,7 +192,7 @@ def _targets_most_probable(handle, request, hp, templates, delta_vec) -> bool:
     blocks, upper = handle.module(handle.adapter.blocks), range(hp.layer, handle.n_layers)
     with torch.no_grad(), thread_hooks(forward=[(handle.rewrite_module(hp.layer), add)]):
         hidden = _run_blocks(blocks, captured, upper)
-    logits = _head(handle, hidden[batch.nll_rows, batch.nll_pos])
+    logits = handle.logits(hidden[batch.nll_rows, batch.nll_pos])
     return bool((logits.argmax(-1) == batch.nll_ids).all())
 
 

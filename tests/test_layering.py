@@ -1,4 +1,6 @@
-"""The product package never imports the research folder (research/NOTES.md lives beside it)."""
+"""The package's layering: the product never imports the research folder (research/NOTES.md
+lives beside it), the editing engine never imports the service, and no part imports the
+top-level command line."""
 
 from __future__ import annotations
 
@@ -9,14 +11,45 @@ PACKAGE = Path(__file__).resolve().parents[1] / "factpatch"
 
 
 def test_factpatch_never_imports_research():
-    offenders = []
-    for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path}: {n}" for n in names if n.split(".")[0] == "research"]
+    offenders = [
+        f"{path}: {name}"
+        for path in PACKAGE.rglob("*.py")
+        for name in _imports(path)
+        if name.split(".")[0] == "research"
+    ]
     assert not offenders, offenders
     assert any(PACKAGE.rglob("*.py"))
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module named by an import in ``path`` (lazy imports inside functions included)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_the_editing_engine_stands_alone():
+    """``factpatch.editing`` (the maths) needs models, not the service around it."""
+    service = ("server", "worker", "queue", "runtime", "ledger", "evaluation", "client", "cli")
+    offenders = [
+        f"{path.name}: {name}"
+        for path in (PACKAGE / "editing").rglob("*.py")
+        for name in _imports(path)
+        if name.startswith("factpatch.") and name.split(".")[1] in service
+    ]
+    assert not offenders, offenders
+
+
+def test_only_the_entry_point_imports_the_top_level_cli():
+    """Sub-command modules take the shared options from factpatch.models.options, so the
+    top-level ``factpatch.cli`` is imported by nobody inside the package (no cycle)."""
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path != PACKAGE / "cli.py" and "factpatch.cli" in _imports(path)
+    ]
+    assert not offenders, offenders

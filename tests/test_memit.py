@@ -20,7 +20,7 @@ from factpatch.editing import (
     load_weights,
 )
 from factpatch.editing.covariance import layer_covariances
-from factpatch.editing.memit import _g, _g_inverse, _post_norm, _Rows, _trace
+from factpatch.editing.memit import _g, _g_inverse, _Rows, _trace
 from factpatch.editing.prompts import continuation_logprobs
 from factpatch.editing.templates import context_templates
 from factpatch.models import weights_hash
@@ -250,7 +250,7 @@ def test_a_worker_memit_job_keeps_the_active_deltas_keys(tiny_llama, memit_hpara
 
 def test_post_norm_inverse_reaches_the_wanted_direction(tokenizer):
     handle = build_tiny("gemma3", tokenizer)
-    norm = _post_norm(handle, 1)
+    norm = handle.post_mlp_norm(1)
     assert norm is not None
     g = torch.Generator().manual_seed(0)
     v = torch.randn(3, 64, generator=g)
@@ -260,7 +260,7 @@ def test_post_norm_inverse_reaches_the_wanted_direction(tokenizer):
         wanted = _g(norm, v) + r
     cosine = torch.nn.functional.cosine_similarity(reached, wanted, dim=-1)
     assert bool((cosine > 0.9999).all()), cosine
-    assert _post_norm(build_tiny("llama", tokenizer), 1) is None
+    assert build_tiny("llama", tokenizer).post_mlp_norm(1) is None
 
 
 def test_hparams_defaults_and_unknown_keys(tiny_llama):

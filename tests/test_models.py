@@ -30,6 +30,25 @@ def test_adapter_names_real_modules(tiny):
     assert tiny.module(a.head).weight.shape[1] == HIDDEN
 
 
+def test_logits_and_post_mlp_norm_from_the_table(tiny):
+    """``handle.logits`` (final norm, head, soft-capping) is the model's own output, and the
+    post-MLP norm is the block's where the family has one (Gemma 2/3) and None elsewhere."""
+    ids = torch.tensor([[1, 5, 9, 12, 7]], device=tiny.device)
+    gemma3 = tiny.model.config.model_type == "gemma3_text"
+    if gemma3:  # a strong cap, so that a missing or misplaced one shows
+        tiny.model.config.final_logit_softcapping = 0.5
+    with torch.no_grad():
+        out = tiny.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        # hidden_states[-1] is after the final norm in every family here
+        torch.testing.assert_close(tiny.head_logits(out.hidden_states[-1][0]), out.logits[0])
+    if gemma3:
+        assert tiny.logit_softcap == 0.5 and float(out.logits.abs().max()) <= 0.5
+        block = tiny.module(tiny.adapter.block_path(2))
+        assert tiny.post_mlp_norm(2) is block.post_feedforward_layernorm
+    else:
+        assert tiny.post_mlp_norm(2) is None
+
+
 def test_rewrite_weight_is_out_by_in(tiny):
     """Every family's W maps the MLP's inner width to the model width, whatever its storage."""
     d_in = tiny.model.config.to_dict().get("n_inner") or 4 * HIDDEN

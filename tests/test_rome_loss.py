@@ -3,12 +3,20 @@ eq. 4): the whole model, δ added by a hook, every prompt run on its own."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from factpatch.editing import EditRequest
 from factpatch.editing.prompts import encode
-from factpatch.editing.rome import ESSENCE_PROMPT, _build_batch, _optimise
+from factpatch.editing.rome import (
+    ESSENCE_PROMPT,
+    ESSENCE_QUESTIONS,
+    _build_batch,
+    _optimise,
+    _other_questions,
+    resolve_optimise_dtype,
+)
 from factpatch.editing.templates import context_templates
 from factpatch.models.hooks import thread_hooks
 
@@ -26,7 +34,7 @@ def _log_probs(handle, ids, layer, subject_pos, delta):
     return F.log_softmax(logits.float(), -1)
 
 
-def paper_delta(handle, request, hp, templates, reverse_kl=False):
+def paper_delta(handle, request, hp, templates, reverse_kl=False, questions=()):
     """Eq. 4: mean target NLL over the prefixed prompts + kl_factor · KL(P_δ ‖ P_orig) at the
     subject's last token of "{s} is a" + weight_decay · ‖δ‖/‖v_init‖²; Adam, ``steps`` passes
     (the last one only evaluates), stop once the total loss < early_stop_loss, clamp ‖δ‖."""
@@ -36,6 +44,7 @@ def paper_delta(handle, request, hp, templates, reverse_kl=False):
         for t in templates
     ]
     essence = encode(tok, ESSENCE_PROMPT, request.subject)
+    asked = [encode(tok, q, request.subject) for q in questions]
     seen = {}
 
     def keep(_module, _args, output):
@@ -63,6 +72,12 @@ def paper_delta(handle, request, hp, templates, reverse_kl=False):
             kl = F.kl_div(log_q, p_orig, log_target=True, reduction="sum")
         else:  # KL(P_δ ‖ P_orig)
             kl = F.kl_div(p_orig, log_q, log_target=True, reduction="sum")
+        for i, enc in enumerate(asked):  # essence_questions: the answer's distribution
+            log_a = _log_probs(handle, enc.ids, hp.layer, enc.subject_last, delta)[-1]
+            if f"q{i}" not in seen:
+                seen[f"q{i}"] = log_a.detach()
+            kl_q = F.kl_div(seen[f"q{i}"], log_a, log_target=True, reduction="sum")
+            kl = kl + kl_q / len(asked)
         loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / v_init.norm() ** 2
         losses.append(float(loss.detach()))
         nlls.append(float(nll.detach()))
@@ -146,3 +161,84 @@ def test_one_pass_or_none_makes_no_update(tiny_llama, tiny_hparams):
         hp = tiny_hparams.with_overrides(steps=steps, early_stop_loss=0.0)
         *_, delta, stats = _optimise(tiny_llama, REQUEST, hp, templates, None)
         assert stats.steps == 0 and not delta.any()
+
+
+def test_reduced_precision_optimisation(tiny, tiny_hparams):
+    """``optimise_dtype``: the steps run on a bfloat16 copy of the blocks above the edited layer
+    and the head; δ follows the float32 one closely and the served model is untouched."""
+    templates = context_templates(tiny, list(tiny_hparams.templates), tiny_hparams.template_seed)
+    weights = {name: p.detach().clone() for name, p in tiny.model.named_parameters()}
+    *_, exact, _ = _optimise(tiny, REQUEST, tiny_hparams, templates, None)
+    same_hp = tiny_hparams.with_overrides(optimise_dtype="float32")
+    *_, same, _ = _optimise(tiny, REQUEST, same_hp, templates, None)
+    assert torch.equal(same, exact)  # the model's own dtype: no copy, bit for bit
+    half_hp = tiny_hparams.with_overrides(optimise_dtype="bfloat16")
+    *_, half, stats = _optimise(tiny, REQUEST, half_hp, templates, None)
+    assert half.dtype == torch.float32 and stats.steps == exact_steps(tiny_hparams)
+    cosine = float(half @ exact / (half.norm() * exact.norm()))
+    assert cosine > 0.99, cosine
+    assert not torch.equal(half, exact)  # it did run in bfloat16
+    for name, p in tiny.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, weights[name]), name
+        assert not p.requires_grad or p.grad is None
+
+
+def exact_steps(hp) -> int:
+    return hp.steps - 1  # the tiny settings never stop early (weight decay 0, loss > 0.05)
+
+
+def test_optimise_dtype_is_checked(tiny_hparams):
+    with pytest.raises(ValueError, match="optimise_dtype"):
+        tiny_hparams.with_overrides(optimise_dtype="int8")
+
+
+def test_essence_questions_are_the_papers_kl_at_each_answer(tiny_llama, tiny_hparams):
+    """``essence_questions``: a third KL term, the mean over the kept questions of KL(P_δ ‖
+    P_orig) at each question's last position; only questions the unedited model does not answer
+    as it answers the edited prompt (or with the new target) are kept."""
+    hp = tiny_hparams.with_overrides(
+        kl_factor=20.0, steps=6, early_stop_loss=0.0, essence_questions=len(ESSENCE_QUESTIONS)
+    )
+    kept = _other_questions(tiny_llama, REQUEST, hp.essence_questions, [])
+    tok = tiny_llama.tokenizer
+
+    def top(text: str) -> int:
+        logits = tiny_llama.model(input_ids=torch.tensor([tok(text)["input_ids"]])).logits
+        return int(logits[0, -1].argmax())
+
+    edited = top(REQUEST.text)
+    new_first = encode(tok, REQUEST.prompt, REQUEST.subject, REQUEST.target).target_ids[0]
+    for question in ESSENCE_QUESTIONS:
+        answer = top(question.replace("{}", REQUEST.subject))
+        assert (question in kept) == (answer not in (edited, new_first)), question
+    assert kept, "the tiny model must keep some question for the test to see the term"
+
+    templates = context_templates(tiny_llama, list(hp.templates), hp.template_seed)
+    *_, delta, _ = _optimise(tiny_llama, REQUEST, hp, templates, None)
+    expected, *_ = paper_delta(tiny_llama, REQUEST, hp, templates, questions=kept)
+    torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)
+    without, *_ = paper_delta(tiny_llama, REQUEST, hp, templates)
+    assert (without - expected).norm() > 1e-3 * expected.norm(), "the test cannot see the term"
+
+
+def test_auto_dtype_is_bfloat16_only_where_native():
+    cpu = torch.device("cpu")
+    assert resolve_optimise_dtype("model", cpu, torch.float32) == torch.float32
+    assert resolve_optimise_dtype("bfloat16", cpu, torch.float32) == torch.bfloat16
+    assert resolve_optimise_dtype("auto", cpu, torch.float16) == torch.float16  # never upcast
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve_optimise_dtype("auto", cpu, torch.float32) == expected
+
+
+def test_packed_passes_are_the_full_passes(tiny, tiny_hparams):
+    """After the first pass only each row's positions from the subject on are re-run, packed
+    into one sequence (editing/packed.py): in every family δ is still the plain loss's (Gemma 3
+    here has a sliding window of 8 < the rows' 17 tokens, so the window is in the mask)."""
+    hp = tiny_hparams.with_overrides(kl_factor=20.0, steps=6, early_stop_loss=0.0)
+    templates = context_templates(tiny, list(hp.templates), hp.template_seed)
+    *_, delta, stats = _optimise(tiny, REQUEST, hp, templates, None)
+    full, packed = stats.positions
+    assert packed < full / 2, stats.positions  # the packing was used, and it saves
+    expected, *_ = paper_delta(tiny, REQUEST, hp, templates)
+    torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)

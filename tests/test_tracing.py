@@ -36,9 +36,8 @@ from factpatch.tracing.dataset import (
     token_classes,
     trace_dataset,
 )
-from factpatch.tracing.noise import NOISE_FACTOR, subject_embedding_std
+from factpatch.tracing.noise import KNOWN_SUBJECTS, NOISE_FACTOR, subject_embedding_std
 from factpatch.tracing.reference import trace_reference
-from factpatch.tracing.subjects import KNOWN_SUBJECTS
 from tests.conftest import DATA, TEST_DEVICE, build_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"

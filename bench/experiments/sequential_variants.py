@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.hparams import default_memit_hparams
 from factpatch.editing.memit import _covariances, _Rows, _trace
-from factpatch.editing.rome import _build_batch, _capture, _head, _run_blocks
+from factpatch.editing.rome import _build_batch, _capture, _run_blocks
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for, summarise
 from factpatch.evaluation.sequential import heldout_paragraphs, measure_records, perplexity
@@ -66,7 +66,7 @@ def optimise(h, request, hp, templates, layers, clamps, mpes):
                     hidden[batch.kl_rows, batch.kl_pos],
                 ]
             )
-            lp = F.log_softmax(_head(h, picked).float(), -1)
+            lp = F.log_softmax(h.logits(picked).float(), -1)
             nll = (-lp[:-1].gather(1, batch.nll_ids[:, None]).squeeze(1) * batch.nll_weight).sum()
             if log_p_orig is None:
                 log_p_orig = lp[-1].detach()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from factpatch.corpus import load_corpus
 from factpatch.editing.hparams import default_memit_hparams
 from factpatch.editing.prompts import pad_batch
-from factpatch.editing.rome import _build_batch, _capture, _head, _optimise, _run_blocks
+from factpatch.editing.rome import _build_batch, _capture, _optimise, _run_blocks
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import load_records, request_for
 from factpatch.models.hooks import thread_hooks
@@ -89,7 +89,7 @@ def natural_optimise(h, request, hp, templates, M: torch.Tensor, M_inv: torch.Te
             hidden = _run_blocks(blocks, captured, range(hp.layer, h.n_layers))
             targets = hidden[batch.nll_rows, batch.nll_pos]
             picked = torch.cat([targets, hidden[batch.kl_rows, batch.kl_pos]])
-            lp = F.log_softmax(_head(h, picked).float(), -1)
+            lp = F.log_softmax(h.logits(picked).float(), -1)
             nll = (-lp[:-1].gather(1, batch.nll_ids[:, None]).squeeze(1) * batch.nll_weight).sum()
             if log_p_orig is None:
                 log_p_orig = lp[-1].detach()

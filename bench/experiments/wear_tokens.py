@@ -23,7 +23,6 @@ from factpatch.editing.prompts import pad_batch
 from factpatch.evaluation.counterfact import load_records
 from factpatch.evaluation.sequential import (
     _final_hidden,
-    _logits_at,
     checkpoint_deltas,
     heldout_paragraphs,
 )
@@ -44,7 +43,7 @@ def predictions(handle, texts: list[str], max_len: int = 128) -> list[tuple]:
         ]
         hidden = _final_hidden(handle, pad_batch(rows, tok.pad_token_id, handle.device))
         for row, seq in enumerate(rows):
-            logits = _logits_at(handle, hidden[row, : len(seq) - 1]).float()
+            logits = handle.head_logits(hidden[row, : len(seq) - 1]).float()
             target = torch.tensor(seq[1:], device=handle.device)
             nll = F.cross_entropy(logits, target, reduction="none").cpu().double()
             out.append((seq, nll, logits.argmax(-1).cpu()))

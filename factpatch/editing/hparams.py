@@ -10,6 +10,8 @@ from typing import Any
 
 from factpatch.models.loading import ModelHandle
 
+OPTIMISE_DTYPES = ("model", "auto", "float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class RomeHParams:
@@ -28,8 +30,15 @@ class RomeHParams:
     # continuation after "prompt + new target".
     essence_tokens: int = 0
     continuation_tokens: int = 0
+    # …and keeps the unedited answer to this many of rome.ESSENCE_QUESTIONS about the subject
+    # (those not answered with the edited relation's current answer or the new target).
+    essence_questions: int = 0
     templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (prefix tokens, count)
     template_seed: int = 0
+    # The δ optimisation's dtype: "model" (the model's own), a copy of the blocks it re-runs and
+    # the head in another dtype ("bfloat16", "float16", "float32"), or "auto" (bfloat16 where
+    # the device has it natively: rome.resolve_optimise_dtype); keys and the solve stay as is.
+    optimise_dtype: str = "model"
     cov_tokens: int = 100_000
     key_mode: str = "averaged"  # "averaged" (r-ROME, Gupta et al. 2024) or "original"
     max_update_ratio: float = 0.5  # guard: ‖ΔW‖_F / ‖W‖_F above this is refused
@@ -56,8 +65,10 @@ def _check_optimisation(hp: RomeHParams | MemitHParams) -> None:
     templates' (each ``(prefix tokens, count)`` with both at least 1)."""
     if hp.steps < 0 or hp.lr <= 0 or hp.cov_tokens <= 0:
         raise ValueError("steps must be >= 0; lr and cov_tokens must be positive")
-    if hp.essence_tokens < 0 or hp.continuation_tokens < 0:
-        raise ValueError("essence_tokens and continuation_tokens must be >= 0")
+    if hp.optimise_dtype not in OPTIMISE_DTYPES:
+        raise ValueError(f"optimise_dtype: choose one of {', '.join(OPTIMISE_DTYPES)}")
+    if min(hp.essence_tokens, hp.continuation_tokens, hp.essence_questions) < 0:
+        raise ValueError("essence_tokens, continuation_tokens, essence_questions must be >= 0")
     for name in ("templates", "key_templates"):
         for entry in getattr(hp, name, ()):
             if len(entry) != 2 or not all(isinstance(n, int) and n >= 1 for n in entry):
@@ -115,8 +126,10 @@ class MemitHParams:
     early_stop_most_probable: bool = False
     essence_tokens: int = 0
     continuation_tokens: int = 0
+    essence_questions: int = 0
     templates: tuple[tuple[int, int], ...] = ((10, 5),)
     template_seed: int = 0
+    optimise_dtype: str = "model"  # as RomeHParams
     cov_tokens: int = 100_000
     mom2_update_weight: float = 15_000.0  # λ (GPT-J reference value)
     nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span P
@@ -159,8 +172,10 @@ class MemitHParams:
             early_stop_most_probable=self.early_stop_most_probable,
             essence_tokens=self.essence_tokens,
             continuation_tokens=self.continuation_tokens,
+            essence_questions=self.essence_questions,
             templates=self.templates,
             template_seed=self.template_seed,
+            optimise_dtype=self.optimise_dtype,
             cov_tokens=self.cov_tokens,
         )
 

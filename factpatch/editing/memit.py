@@ -81,7 +81,7 @@ from factpatch.editing.delta import Delta, output_hook
 from factpatch.editing.hparams import MemitHParams, default_memit_hparams
 from factpatch.editing.prompts import encode, pad_batch
 from factpatch.editing.requests import EditRequest
-from factpatch.editing.rome import DegenerateEditError, _optimise
+from factpatch.editing.rome import DegenerateEditError, _optimise, upper_modules
 from factpatch.editing.templates import context_templates
 from factpatch.models.hooks import StopForward, block_output, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle
@@ -220,9 +220,10 @@ def _compute(
     # 1. Targets: δᵢ at the last layer's rewrite output (ROME's optimisation, one per request).
     t0 = time.perf_counter()
     z_hp = hp.z_hparams()
+    upper = upper_modules(handle, z_hp.layer, z_hp.optimise_dtype)
     deltas, z_stats = [], []
     for request in requests:
-        _, _, delta, stats = _optimise(handle, request, z_hp, templates, None)
+        _, _, delta, stats = _optimise(handle, request, z_hp, templates, None, upper)
         deltas.append(delta)
         z_stats.append(stats.__dict__)
     seconds["optimise"] = time.perf_counter() - t0
@@ -239,7 +240,7 @@ def _compute(
     last = layers[-1]
     first = _trace(handle, rows, [last], {}, last)
     v0 = first.values[last][rows.bare]  # [B, out]
-    g_last = _post_norm(handle, last)
+    g_last = handle.post_mlp_norm(last)
     with torch.no_grad():
         z = first.hidden[rows.bare] + _g(g_last, v0 + torch.stack(deltas)) - _g(g_last, v0)
     seconds["keys"] += time.perf_counter() - t0
@@ -261,7 +262,7 @@ def _compute(
         with torch.no_grad():
             r = (z - now.hidden[rows.bare]) / (len(layers) - i)  # [B, d]
             v = now.values[layer][rows.bare]  # [B, out]
-            resid = (_g_inverse(_post_norm(handle, layer), v, r) - v).double()  # Rᵀ: [B, out]
+            resid = (_g_inverse(handle.post_mlp_norm(layer), v, r) - v).double()  # Rᵀ: [B, out]
         seconds["keys"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -312,6 +313,7 @@ def _compute(
         "modules": list(factors),
         "layers": layers,
         "hparams": hp.to_dict(),
+        "optimise_dtype": str(upper.dtype).removeprefix("torch."),
         "requests": [r.to_dict() for r in requests],
         "stats": z_stats,
         "layer_stats": layer_stats,
@@ -363,13 +365,6 @@ def _nullspace(
         small = eigvecs[:, eigvals < hp.nullspace_threshold]  # [in, n]
         handle.cache[memo] = {"P": small @ small.T, "dim": int(small.shape[1])}
     return handle.cache[memo]
-
-
-def _post_norm(handle: ModelHandle, layer: int) -> torch.nn.Module | None:
-    """The norm between the MLP output and the residual stream (Gemma 2/3), if the block has
-    one."""
-    block = handle.module(handle.adapter.block_path(layer))
-    return getattr(block, "post_feedforward_layernorm", None)
 
 
 def _g(norm: torch.nn.Module | None, v: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ The MLP output projection W at one layer is read as a key→value memory.  An ed
    every target token is the most probable token at its position in every prefixed prompt
    (most-probable early stopping, MPES: Gupta et al. 2025, arXiv 2502.01636).
 
-   Two extensions keep the text *around* the edit as the unedited model writes it (both off
+   Three extensions keep the text *around* the edit as the unedited model writes it (all off
    gives the paper's loss exactly; docs/evaluation.md, "The text after an edit"):
    ``essence_tokens`` > 0 extends the essence term from the one position to the unedited
    model's own greedy description of the subject ("{s} is a" + that many tokens): the KL is
@@ -26,7 +26,11 @@ The MLP output projection W at one layer is read as a key→value memory.  An ed
    ``continuation_tokens`` > 0 adds the mean KL(P_δ ‖ P_orig) over the unedited model's greedy
    continuation of "prompt + new target" (in every prefixed prompt): what follows the new
    object must read as the unedited model would write it after that object, so the edit cannot
-   leave later positions in a state no text produces (the `<start_of_image>` loops).
+   leave later positions in a state no text produces (the `<start_of_image>` loops);
+   ``essence_questions`` > 0 adds the mean KL at the end of that many generic questions about
+   the subject (ESSENCE_QUESTIONS), leaving out those the unedited model answers as it answers
+   the edited prompt or with the new target: the subject's other facts, read where they are
+   answered.  Each extension is its own term, weighted to a mean over its positions.
 3. inserts the pair (k̄, v* = W k̄ + δ) with the covariance-weighted rank-one update (eq. 2)
 
        ΔW = (v* − W k̄) (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄) = δ (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k̄).
@@ -38,7 +42,11 @@ A guard refuses any update whose denominator ratio or norm is out of bounds.
 
 Speed, without changing the maths: the layers below the edited one do not depend on δ, so they
 run once (a capture pass records every block's inputs); each optimisation step runs only the
-blocks from the edited layer up, and the LM head only at the positions the loss reads.
+blocks from the edited layer up, and the LM head only at the positions the loss reads; after the
+first step only each row's positions from the subject on are re-run, packed
+(:mod:`factpatch.editing.packed`).  With ``optimise_dtype`` the steps run on a reduced-precision
+copy of those blocks and the head (a measured trade, docs/benchmarks.md); keys and the solve
+stay in float32/float64.
 
 Purity: nothing here writes a weight.  δ enters through a forward hook that acts only in the
 calling thread and is removed afterwards (:mod:`factpatch.models.hooks`), so other threads
@@ -49,23 +57,39 @@ rank-one terms ΔW·k to W's output in the hook.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from factpatch.editing.covariance import covariance_solver
 from factpatch.editing.delta import Delta, output_hook
 from factpatch.editing.hparams import RomeHParams, default_hparams
+from factpatch.editing.packed import Packing, PrefixKV, keyword_inputs, pack_inputs, with_cache
 from factpatch.editing.prompts import encode, pad_batch
 from factpatch.editing.requests import EditRequest
 from factpatch.editing.templates import context_templates
 from factpatch.models.hooks import StopForward, block_output, run_until_stop, thread_hooks
-from factpatch.models.loading import ModelHandle
+from factpatch.models.loading import ModelHandle, softcap
 
 ESSENCE_PROMPT = "{} is a"
+# Questions about the subject whose unedited answers ``essence_questions`` keeps (the KL at each
+# one's last position).  Chosen to be generic and apart from the evaluation's subject prompts
+# (factpatch.evaluation.generation.subject_prompts).
+ESSENCE_QUESTIONS = (
+    "{} is a",
+    "{} is best known as",
+    "{} comes from",
+    "{} is associated with",
+    "{} belongs to the category of",
+    "The main activity of {} is",
+    "{} has its origins in",
+    "People describe {} as",
+)
 
 
 class DegenerateEditError(RuntimeError):
@@ -83,6 +107,7 @@ class EditStats:
     v_init_norm: float = 0.0
     denominator_ratio: float = 1.0
     update_ratio: float = 0.0
+    positions: list[int] = field(default_factory=list)  # per pass: the first, then the packed
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -110,6 +135,7 @@ def compute_edit(
     solver = covariance_solver(handle, hp.layer, hp.cov_tokens, corpus)
     setup_seconds = time.perf_counter() - t0
 
+    upper = upper_modules(handle, hp.layer, hp.optimise_dtype)
     lefts: list[torch.Tensor] = []  # each [out]
     rights: list[torch.Tensor] = []  # each [in]
     keys: list[torch.Tensor] = []  # each k̄ [in]
@@ -118,7 +144,7 @@ def compute_edit(
         prior = (
             (torch.stack(lefts, 1), torch.stack(rights, 1)) if lefts else None
         )  # earlier edits of this call, applied on the fly
-        key, bare_key, delta, stats = _optimise(handle, request, hp, templates, prior)
+        key, bare_key, delta, stats = _optimise(handle, request, hp, templates, prior, upper)
 
         t0 = time.perf_counter()
         u = solver.solve(key)  # C⁻¹k̄, float64 [in]
@@ -144,6 +170,7 @@ def compute_edit(
         "module": path,
         "layer": hp.layer,
         "hparams": hp.to_dict(),
+        "optimise_dtype": str(upper.dtype).removeprefix("torch."),
         "requests": [r.to_dict() for r in requests],
         "stats": [s.__dict__ for s in all_stats],
         "covariance": {"n_tokens": solver.n_tokens, "ridge": solver.ridge},
@@ -184,6 +211,7 @@ class _Batch:
     kl_rows: torch.Tensor  # [Q] row of each position whose distribution is kept
     kl_pos: torch.Tensor  # [Q] the position
     kl_weight: torch.Tensor  # [Q] weights summing to 1 per term (essence, continuation)
+    lengths: torch.Tensor  # [B] real tokens per row
 
 
 def _build_batch(
@@ -192,9 +220,11 @@ def _build_batch(
     templates: list[str],
     essence: list[int] | None = None,
     continuation: list[int] | None = None,
+    questions: list[str] | None = None,
 ) -> _Batch:
     """Rows: every prefixed rewrite prompt + `` target`` (+ the continuation ids), then the
-    essence prompt (+ the description ids).  ``None``: the paper's loss (no extension)."""
+    essence prompt (+ the description ids), then each question about the subject.  ``None``:
+    the paper's loss (no extension)."""
     tok = handle.tokenizer
     rows, subject_pos = [], []
     nll_rows, nll_pos, nll_ids, nll_weight = [], [], [], []
@@ -227,6 +257,13 @@ def _build_batch(
         kl_weight.append(1.0 / (last + 1 - essence_enc.subject_last))
     rows.append(essence_ids)
     subject_pos.append(essence_enc.subject_last)
+    for question in questions or []:  # the answer's distribution, at the question's end
+        enc = encode(tok, question, request.subject)
+        kl_rows.append(len(rows))
+        kl_pos.append(len(enc.ids) - 1)
+        kl_weight.append(1.0 / len(questions))
+        rows.append(enc.ids)
+        subject_pos.append(enc.subject_last)
     device = handle.device
 
     def tensor(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -242,6 +279,7 @@ def _build_batch(
         kl_rows=tensor(kl_rows),
         kl_pos=tensor(kl_pos),
         kl_weight=tensor(kl_weight, torch.float32),
+        lengths=tensor([len(row) for row in rows]),
     )
 
 
@@ -266,14 +304,122 @@ def _greedy(
     return out
 
 
+@dataclass
+class UpperModules:
+    """What each optimisation step re-runs: the blocks from the edited layer up (by layer
+    index), the rewrite module δ is added to, the final norm and the LM head — the model's own
+    modules, or a reduced-precision copy of them (``optimise_dtype``)."""
+
+    blocks: dict[int, nn.Module]
+    rewrite: nn.Module
+    final_norm: nn.Module
+    head_weight: torch.Tensor  # [vocab, d]
+    head_bias: torch.Tensor | None
+    cap: float | None  # final logit soft-capping
+    dtype: torch.dtype
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ logit soft-capping where the family uses it) on [N, d]."""
+        return softcap(
+            F.linear(self.final_norm(hidden), self.head_weight, self.head_bias), self.cap
+        )
+
+
+def resolve_optimise_dtype(
+    name: str, device: torch.device, model_dtype: torch.dtype
+) -> torch.dtype:
+    """``optimise_dtype`` as a torch dtype: "model" is the model's own; "auto" is bfloat16 for a
+    float32 model where the device multiplies bfloat16 natively (CUDA with bf16; a CPU whose
+    oneDNN has bf16 kernels, e.g. AVX-512 BF16 or AMX), else the model's own."""
+    if name == "model":
+        return model_dtype
+    if name == "auto":
+        if model_dtype != torch.float32:
+            return model_dtype
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            try:
+                native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            except (AttributeError, RuntimeError):  # a torch build without oneDNN
+                native = False
+        return torch.bfloat16 if native else model_dtype
+    return getattr(torch, name)
+
+
+def upper_modules(handle: ModelHandle, layer: int, optimise_dtype: str = "model") -> UpperModules:
+    """The modules above ``layer`` (inclusive) as they are, or copied to ``optimise_dtype``
+    (the copy carries no hooks and shares nothing with the serving model)."""
+    adapter = handle.adapter
+    blocks = handle.module(adapter.blocks)
+    head = handle.module(adapter.head)
+    upper = UpperModules(
+        blocks={i: blocks[i] for i in range(layer, handle.n_layers)},
+        rewrite=handle.rewrite_module(layer),
+        final_norm=handle.module(adapter.final_norm),
+        head_weight=head.weight,
+        head_bias=head.bias,
+        cap=handle.logit_softcap,
+        dtype=head.weight.dtype,
+    )
+    dtype = resolve_optimise_dtype(optimise_dtype, handle.device, upper.dtype)
+    if dtype == upper.dtype:
+        return upper
+
+    def cast(module: nn.Module) -> nn.Module:
+        # Each parameter goes straight to its cast copy (no full-precision clone on the way).
+        memo = {id(p): nn.Parameter(p.detach().to(dtype), False) for p in module.parameters()}
+        module = copy.deepcopy(module, memo).to(dtype).requires_grad_(False)
+        for sub in module.modules():  # other threads' hooks stay on the originals
+            sub._forward_hooks.clear()
+            sub._forward_pre_hooks.clear()
+        return module
+
+    upper.blocks = {i: cast(block) for i, block in upper.blocks.items()}
+    upper.rewrite = upper.blocks[layer].get_submodule(adapter.rewrite)
+    upper.final_norm = cast(upper.final_norm)
+    upper.head_weight = head.weight.detach().to(dtype)
+    upper.head_bias = None if head.bias is None else head.bias.detach().to(dtype)
+    upper.dtype = dtype
+    return upper
+
+
+@torch.no_grad()
+def _other_questions(
+    handle: ModelHandle, request: EditRequest, n: int, hooks: list[tuple[Any, Any]]
+) -> list[str]:
+    """The first ``n`` of ESSENCE_QUESTIONS whose unedited top answer is neither the edited
+    prompt's top answer (the relation being edited) nor the new target's first token: the
+    subject's other facts, which the edit should leave as they are."""
+    if n == 0:
+        return []
+    if n > len(ESSENCE_QUESTIONS):
+        raise ValueError(f"essence_questions: at most {len(ESSENCE_QUESTIONS)}")
+    tok = handle.tokenizer
+    asked = list(ESSENCE_QUESTIONS[:n])
+    rows = [tok(request.text)["input_ids"]]
+    rows += [tok(q.replace("{}", request.subject))["input_ids"] for q in asked]
+    with thread_hooks(forward=hooks):
+        logits = handle.model(
+            input_ids=pad_batch(rows, tok.pad_token_id, handle.device), use_cache=False
+        ).logits
+    top = [int(logits[i, len(row) - 1].argmax()) for i, row in enumerate(rows)]
+    new_first = encode(tok, request.prompt, request.subject, request.target).target_ids[0]
+    kept = zip(asked, top[1:], strict=True)
+    return [question for question, answer in kept if answer not in (top[0], new_first)]
+
+
 def _optimise(
     handle: ModelHandle,
     request: EditRequest,
     hp: RomeHParams,
     templates: list[str],
     prior: tuple[torch.Tensor, torch.Tensor] | None,
+    upper: UpperModules | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EditStats]:
-    """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32."""
+    """Returns (k̄ [in], bare-prompt key k₀ [in], δ [out], stats), all float32.  ``upper``:
+    the modules the steps re-run (built from ``hp.optimise_dtype`` when not given)."""
+    upper = upper or upper_modules(handle, hp.layer, hp.optimise_dtype)
     stats = EditStats()
     t0 = time.perf_counter()
     prior_hooks = []  # earlier edits of this call, for the unedited model's greedy text
@@ -286,14 +432,17 @@ def _optimise(
     continuation = _greedy(
         handle, f"{request.text} {request.target}", hp.continuation_tokens, prior_hooks
     )
-    batch = _build_batch(handle, request, templates, essence or None, continuation or None)
+    questions = _other_questions(handle, request, hp.essence_questions, prior_hooks)
+    batch = _build_batch(
+        handle, request, templates, essence or None, continuation or None, questions or None
+    )
     n_rewrite = len(templates)
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
 
-    blocks = handle.module(handle.adapter.blocks)
-    rewrite = handle.rewrite_module(hp.layer)
-    upper = range(hp.layer, handle.n_layers)
     captured, io = _capture(handle, batch.ids, hp.layer)
+    captured = {i: keyword_inputs(upper.blocks[i], *inputs) for i, inputs in captured.items()}
+    if upper.dtype != io["values"].dtype:
+        captured = {i: _cast(inputs, upper.dtype) for i, inputs in captured.items()}
     keys = io["keys"][rows, batch.subject_pos].float()  # [B, in]
     key = keys[:n_rewrite].mean(0)  # k̄: the bare prompt and every prefix
     bare_key = keys[0]
@@ -305,29 +454,39 @@ def _optimise(
         prior_out = (io["keys"].float() @ right) @ left.T
     stats.seconds["keys"] = time.perf_counter() - t0
 
-    # Optimise δ.
+    # Optimise δ.  The first pass runs every position and records the keys/values; later
+    # passes re-run only each row's positions from the subject on, packed (editing/packed.py).
     t0 = time.perf_counter()
-    dtype = io["values"].dtype
+    dtype = upper.dtype
     at_subject = torch.zeros((*batch.ids.shape, 1), dtype=dtype, device=batch.ids.device)
     at_subject[rows, batch.subject_pos] = 1.0
+    layout = {"at": at_subject, "prior": None if prior_out is None else prior_out.to(dtype)}
+    packing = Packing.plan(batch.subject_pos, batch.lengths, batch.ids.shape[1])
+    recorder = PrefixKV()
+    inputs = with_cache(captured, handle.adapter.cache_kwarg, recorder)
+    packed = False
+    stats.positions = [batch.ids.numel(), batch.ids.numel()]
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * v_init.norm()
     n_nll = len(batch.nll_ids)
+    loss_rows = torch.cat([batch.nll_rows, batch.kl_rows])
+    loss_pos = torch.cat([batch.nll_pos, batch.kl_pos])
 
     def add_delta(_module, _args, output):
-        out = output + at_subject * delta.to(dtype)
-        return out if prior_out is None else out + prior_out.to(dtype)
+        out = output + layout["at"] * delta.to(dtype)
+        return out if layout["prior"] is None else out + layout["prior"]
 
     log_p_orig = None
     step = 0
-    with thread_hooks(forward=[(rewrite, add_delta)]):
+    with thread_hooks(forward=[(upper.rewrite, add_delta)]):
         for step in range(max(hp.steps, 1)):
-            hidden = _run_blocks(blocks, captured, upper)
-            picked = torch.cat(
-                [hidden[batch.nll_rows, batch.nll_pos], hidden[batch.kl_rows, batch.kl_pos]]
-            )
-            log_probs = F.log_softmax(_head(handle, picked).float(), dim=-1)
+            hidden = _run_blocks(upper.blocks, inputs, range(hp.layer, handle.n_layers))
+            if packed:  # [1, Q, d]
+                picked = hidden[0, packing.index[loss_rows, loss_pos]]
+            else:  # [B, T, d]
+                picked = hidden[loss_rows, loss_pos]
+            log_probs = F.log_softmax(upper.logits(picked).float(), dim=-1)
             token_nll = -log_probs[:n_nll].gather(1, batch.nll_ids[:, None]).squeeze(1)
             nll = (token_nll * batch.nll_weight).sum()
             log_p = log_probs[n_nll:]  # [Q, vocab]
@@ -352,10 +511,48 @@ def _optimise(
                 norm = delta.norm()
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
+            if step == 0:
+                packed = _switch_to_packed(handle, upper, captured, packing, recorder, layout)
+                if packed:
+                    inputs = packed
+                    stats.positions[1] = len(packing.rows)
     stats.steps = step  # updates made
     stats.delta_norm = float(delta.detach().norm())
     stats.seconds["optimise"] = time.perf_counter() - t0
     return key.detach(), bare_key.detach(), delta.detach(), stats
+
+
+def _switch_to_packed(
+    handle: ModelHandle,
+    upper: UpperModules,
+    captured: dict[int, tuple[tuple, dict]],
+    packing: Packing,
+    recorder: PrefixKV,
+    layout: dict[str, torch.Tensor | None],
+) -> dict[int, tuple[tuple, dict]] | None:
+    """After the first (full) pass: the packed block inputs, with the hook's per-position terms
+    moved to the packed layout; None (full passes go on) where a block cannot be packed or its
+    attention recorded nothing."""
+    layers = sorted(upper.blocks)
+    if sorted(recorder.recorded) != layers:  # every attention recorded, under its layer index
+        return None
+    windows = {i: _sliding_window(handle, upper.blocks[i]) for i in layers}
+    packed = pack_inputs(captured, packing, handle.adapter.cache_kwarg, recorder, windows)
+    if packed is None:
+        return None
+    recorder.prefix = packing.prefix(recorder.recorded)
+    layout["at"] = packing.gather(layout["at"])
+    if layout["prior"] is not None:
+        layout["prior"] = packing.gather(layout["prior"])
+    return packed
+
+
+def _sliding_window(handle: ModelHandle, block: nn.Module) -> int | None:
+    """The attention window of a block's attention (Gemma 2/3, Mistral, Qwen 2), or None."""
+    attn = block.get_submodule(handle.adapter.attn)
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(handle.model.config, "sliding_window", None)
 
 
 @torch.no_grad()
@@ -406,11 +603,12 @@ def _run_blocks(
     return hidden
 
 
-def _head(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm + LM head (+ logit soft-capping where the family uses it) on [N, d]."""
-    normed = handle.module(handle.adapter.final_norm)(hidden)
-    logits = handle.module(handle.adapter.head)(normed)
-    cap = getattr(handle.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+def _cast(inputs: Any, dtype: torch.dtype) -> Any:
+    """Captured block inputs with every floating tensor in ``dtype`` (masks, ids untouched)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(dtype) if inputs.is_floating_point() else inputs
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(_cast(x, dtype) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: _cast(v, dtype) for k, v in inputs.items()}
+    return inputs

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from factpatch.cli import model_args
 from factpatch.editing import (
     apply_delta,
     base_weights,
@@ -37,6 +36,7 @@ from factpatch.editing.covariance import layer_covariances
 from factpatch.evaluation.counterfact import load_records, request_for, summarise
 from factpatch.evaluation.sequential import measure_records
 from factpatch.models import load_model
+from factpatch.models.options import model_args
 
 
 def _memoise_targets() -> None:
@@ -44,10 +44,10 @@ def _memoise_targets() -> None:
     original = memit_module._optimise
     memo: dict[Any, Any] = {}
 
-    def cached(handle, request, hp, templates, prior):
+    def cached(handle, request, hp, templates, prior, upper=None):
         key = (request, hp)
         if prior is not None or key not in memo:
-            memo[key] = original(handle, request, hp, templates, prior)
+            memo[key] = original(handle, request, hp, templates, prior, upper)
         return memo[key]
 
     memit_module._optimise = cached

@@ -75,13 +75,6 @@ PAIR_KEYS = ("rewrite_new", "rewrite_true", "para_new", "para_true", "nb_new", "
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def _logits_at(handle: ModelHandle, normed: torch.Tensor) -> torch.Tensor:
-    """LM head (+ soft-capping) on final-norm outputs [N, d]."""
-    logits = handle.module(handle.adapter.head)(normed)
-    cap = getattr(handle.model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 @torch.no_grad()
 def _final_hidden(handle: ModelHandle, ids: torch.Tensor) -> torch.Tensor:
     """The final norm's output [B, T, d]: the whole model except the LM head."""
@@ -116,7 +109,7 @@ def score_pairs(
                 targets.append(seq[j])
                 owner.append(row)
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
-        log_probs = torch.log_softmax(_logits_at(handle, picked).float(), -1)  # [P, V]
+        log_probs = torch.log_softmax(handle.head_logits(picked), -1)  # [P, V]
         token_lp = log_probs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
         owner_t = torch.tensor(owner, device=device)
         sums = torch.zeros(len(encoded), device=device).index_add_(0, owner_t, token_lp)
@@ -215,7 +208,7 @@ def perplexity(handle: ModelHandle, texts: list[str], max_len: int = 128) -> flo
         ]
         hidden = _final_hidden(handle, pad_batch(rows, tok.pad_token_id, device))
         for row, seq in enumerate(rows):
-            logits = _logits_at(handle, hidden[row, : len(seq) - 1]).float()
+            logits = handle.head_logits(hidden[row, : len(seq) - 1])
             target = torch.tensor(seq[1:], device=device)
             total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             count += len(seq) - 1

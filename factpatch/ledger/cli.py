@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from factpatch.ledger import Ledger, Version, snapshot
+from factpatch.models.options import model_args
 from factpatch.store import open_redis
 
 
@@ -102,7 +103,7 @@ def _write(args: argparse.Namespace, ledger: Ledger) -> int:
     return 0
 
 
-def add_ledger_parser(sub: Any, model_args: Any) -> None:
+def add_ledger_parser(sub: Any) -> None:
     ledger = sub.add_parser("ledger", help="inspect, export/import, roll back the ledger")
     actions = ledger.add_subparsers(dest="action", required=True)
     _store_args(actions.add_parser("list", help="every version"))

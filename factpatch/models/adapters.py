@@ -29,6 +29,11 @@ class Adapter:
     embed: str
     head: str
     weight_in_out: bool = False
+    # The norm between the MLP output and the residual stream, relative to a block (Gemma 2/3
+    # rescale the MLP output before adding it), or None where the output is added as it is.
+    post_mlp_norm: str | None = None
+    # The keyword a block passes its attention's key/value cache by (transformers' name).
+    cache_kwarg: str = "cache"
 
     def block_path(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -87,9 +92,16 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm="gpt_neox.final_layer_norm",
         embed="gpt_neox.embed_in",
         head="lm_head",
+        cache_kwarg="layer_past",
     ),
     Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), **_LLAMA_LIKE),
-    Adapter(family="gemma", model_types=("gemma", "gemma2", "gemma3_text"), **_LLAMA_LIKE),
+    Adapter(family="gemma", model_types=("gemma",), **_LLAMA_LIKE),
+    Adapter(
+        family="gemma",
+        model_types=("gemma2", "gemma3_text"),
+        post_mlp_norm="post_feedforward_layernorm",
+        **_LLAMA_LIKE,
+    ),
 )
 
 

@@ -95,6 +95,29 @@ class ModelHandle:
         """ROME's W at ``layer`` as an (out, in) view of the live parameter."""
         return math_weight(self.rewrite_module(layer), self.adapter)
 
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm the MLP output passes before the residual stream at ``layer``, if any."""
+        path = self.adapter.post_mlp_norm
+        return None if path is None else self.module(f"{self.adapter.block_path(layer)}.{path}")
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-capping of families that use it (Gemma 2/3), else None."""
+        return getattr(self.model.config, "final_logit_softcapping", None)
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """LM head (+ soft-capping) on final-norm outputs [N, d] → [N, vocab] float32 logits."""
+        return softcap(self.module(self.adapter.head)(normed).float(), self.logit_softcap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ soft-capping) on last-block outputs [N, d] → float32 logits."""
+        return self.head_logits(self.module(self.adapter.final_norm)(hidden))
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap · tanh(logits / cap) (Gemma 2, Team Gemma 2024), or the logits unchanged."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
 
 def weights_hash(model: nn.Module) -> str:
     """sha256 over every parameter (name, dtype, shape, bytes) in name order; tied weights once."""

@@ -12,13 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from factpatch.models.options import load_from_args, model_args
 from factpatch.tracing.core import KINDS, TraceResult, trace_kinds
 
 
 def add_trace_parser(subparsers: Any) -> None:
     """Register ``trace`` on the ``factpatch`` sub-command parsers."""
-    from factpatch.cli import model_args
-
     trace = subparsers.add_parser(
         "trace",
         help="causal tracing: which states carry a fact (Meng et al. 2022)",
@@ -51,10 +50,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return _dataset(args, kinds)
     if not args.prompt or not args.subject:
         raise ValueError("prompt, subject: give --prompt and --subject (or --dataset)")
-    from factpatch.cli import _load
     from factpatch.tracing.plots import plot_traces
 
-    handle = _load(args)
+    handle = load_from_args(args)
     results = trace_kinds(
         handle,
         args.prompt,
@@ -96,14 +94,13 @@ def _print_summary(results: list[TraceResult], out: str | None) -> None:
 
 
 def _dataset(args: argparse.Namespace, kinds: list[str]) -> int:
-    from factpatch.cli import _load
     from factpatch.tracing.dataset import LAST_SUBJECT, load_known, stderr_progress, trace_dataset
     from factpatch.tracing.plots import plot_averages, plot_last_subject
 
     if not args.out:
         raise ValueError("out: --dataset needs --out DIR for the figures and the JSON")
     facts = load_known(args.dataset, args.n)
-    handle = _load(args)
+    handle = load_from_args(args)
     averages, summary = trace_dataset(
         handle,
         facts,

@@ -256,18 +256,11 @@ def final_hidden(
     return captured[0]
 
 
-def head_logits(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on [b, d] → [b, vocab] float32 logits (with the model's final soft-capping)."""
-    logits = handle.module(handle.adapter.head)(hidden).float()
-    cap = getattr(handle.model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def answer_probs(handle: ModelHandle, hidden: torch.Tensor, answer_id: int) -> torch.Tensor:
     """P(answer_id) for each row of ``hidden`` [B, d] → [B] float32, HEAD_ROWS rows at a time
     (a contiguous [rows, d] input: the head on a strided slice is many times slower)."""
     probs = [
-        torch.log_softmax(head_logits(handle, chunk), -1)[:, answer_id].exp()
+        torch.log_softmax(handle.head_logits(chunk), -1)[:, answer_id].exp()
         for chunk in hidden.contiguous().split(HEAD_ROWS)
     ]
     return torch.cat(probs)
@@ -507,7 +500,7 @@ def prepare(
     ids = torch.tensor(encoded.ids, device=handle.device)  # [T]
     hidden, states = clean_run(handle, ids, kinds)
     if answer is None:
-        answer_id = int(head_logits(handle, hidden[None])[0].argmax())
+        answer_id = int(handle.head_logits(hidden[None])[0].argmax())
     else:
         answer_id = answer_token(handle.tokenizer, encoded.text, answer)
     clean = float(answer_probs(handle, hidden[None], answer_id)[0])

@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,13 @@ import torch
 
 from factpatch.models.loading import ModelHandle
 from factpatch.paths import cache_dir
-from factpatch.tracing.subjects import KNOWN_SUBJECTS
 
+# The subjects of the "known facts" set (Meng et al. 2022, section 2.1; MIT licence): the 1,195
+# distinct subjects of known_1000.json in file order, shipped so the measurement needs no data
+# folder.
+KNOWN_SUBJECTS: tuple[str, ...] = tuple(
+    files("factpatch").joinpath("data/known_subjects.txt").read_text().splitlines()
+)
 NOISE_FACTOR = 3.0  # ν = 3 × std of subject embeddings (the paper's setting)
 FORMAT = 1  # bump when the measurement changes
 

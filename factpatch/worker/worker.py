@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -75,6 +76,11 @@ class Worker:
         self.jobs_done = 0
         self.hparams = dict(hparams or {})  # overrides of the defaults (editing/methods.py)
         self.rebase_limit = rebase_limit
+        # One handler per job kind: lease in, result out (None: cancelled).
+        self.handlers: dict[str, Callable[[Lease], dict[str, Any] | None]] = {
+            "edit": self._edit,
+            "trace": self._trace,
+        }
 
     def run(self) -> None:
         """Serve jobs until :meth:`stop` (finishes the job in hand first)."""
@@ -128,13 +134,11 @@ class Worker:
         """Run the job; returns its outcome (the job's new state)."""
         job = lease.job
         started = time.perf_counter()
+        handler = self.handlers.get(job.kind)
+        if handler is None:
+            return lease.fail(f"kind: unknown job kind {job.kind!r}", retry=False).state.value
         try:
-            if job.kind == "edit":
-                result = self._edit(lease)
-            elif job.kind == "trace":
-                result = self._trace(lease)
-            else:
-                return lease.fail(f"kind: unknown job kind {job.kind!r}", retry=False).state.value
+            result = handler(lease)
         except (ValueError, DegenerateEditError) as err:  # the request itself is bad
             return lease.fail(f"{type(err).__name__}: {err}", retry=False).state.value
         except (LeaseLostError, redis.RedisError, ConnectionError):
