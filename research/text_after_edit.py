@@ -36,6 +36,19 @@ SETTINGS = {
         "clamp_norm_factor": 4.0,
     },
 }
+# The same, with the δ optimisation on a bfloat16 copy (issue 28), and the subject's other
+# questions (essence_questions).
+BF16 = {"optimise_dtype": "bfloat16"}
+SETTINGS |= {
+    "paper-bf16": SETTINGS["paper"] | BF16,
+    "continuation-kl0.25-bf16": SETTINGS["continuation-kl0.25"] | BF16,
+    "questions8-kl0.25-bf16": SETTINGS["paper"]
+    | BF16
+    | {"essence_questions": 8, "kl_factor": 0.25},
+    "questions8-continuation-kl0.25-bf16": SETTINGS["continuation-kl0.25"]
+    | BF16
+    | {"essence_questions": 8},
+}
 
 
 def main() -> None:
