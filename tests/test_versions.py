@@ -32,21 +32,28 @@ def versions(tiny, ledger):
         replica.batcher.stop()
 
 
+def each_version_as_its_twin(served: Replica, twin: Replica) -> set[str]:
+    """For versions 0..3: ``served`` asked for version v (a sampled generation and a score)
+    answers as ``twin`` materialised at v; returns the texts seen."""
+    texts = set()
+    for v in (0, 1, 2, 3):
+        twin.apply(v)
+        for prompt in PROMPTS[:3]:
+            ours = generate(served, prompt, SAMPLED, version=v)
+            assert ours.version == v
+            assert ours.text == generate(twin, prompt, SAMPLED).text, (v, prompt)
+            texts.add(ours.text)
+            a, b = score(served, prompt, " Rome", version=v), score(twin, prompt, " Rome")
+            assert a.version == v and a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOLERANCE)
+    return texts
+
+
 @pytest.mark.parametrize("batching", [False, True], ids=["one-at-a-time", "batched"])
 def test_a_named_version_equals_a_replica_at_that_version(versions, batching):
     replica, twin = versions
     if batching:
         replica.batcher = Batcher(replica).start()
-    texts = set()
-    for v in (0, 1, 2, 3):
-        twin.apply(v)
-        for prompt in PROMPTS[:3]:
-            ours = generate(replica, prompt, SAMPLED, version=v)
-            assert ours.version == v
-            assert ours.text == generate(twin, prompt, SAMPLED).text, (v, prompt)
-            texts.add(ours.text)
-            a, b = score(replica, prompt, " Rome", version=v), score(twin, prompt, " Rome")
-            assert a.version == v and a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOLERANCE)
+    texts = each_version_as_its_twin(replica, twin)
     assert len(texts) > 3  # the versions really differ
     assert replica.version == 3  # the live weights never moved
 
@@ -141,17 +148,7 @@ def test_a_gated_replica_serves_any_version_through_that_versions_gates(
     if batching:
         gated.batcher = Batcher(gated).start()
     try:
-        texts = set()
-        for v in (0, 1, 2, 3):
-            reference.apply(v)
-            for prompt in PROMPTS[:3]:
-                ours = generate(gated, prompt, SAMPLED, version=v)
-                assert ours.version == v
-                assert ours.text == generate(reference, prompt, SAMPLED).text, (v, prompt)
-                texts.add(ours.text)
-                a = score(gated, prompt, " Rome", version=v)
-                b = score(reference, prompt, " Rome")
-                assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOLERANCE)
+        texts = each_version_as_its_twin(gated, reference)
         assert gated.version == 3 and len(texts) > 3
     finally:
         if gated.batcher is not None:

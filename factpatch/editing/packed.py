@@ -127,6 +127,7 @@ def pack_inputs(
     gathered; the others' are fed from below), or None where a block has an input that cannot
     be packed."""
     packed: dict[int, tuple[tuple, dict]] = {}
+    masks: dict[int | None, torch.Tensor] = {}  # one per distinct window
     for i, (args, kwargs) in captured.items():
         if any(isinstance(a, torch.Tensor) for a in args[1:]):
             return None
@@ -137,7 +138,9 @@ def pack_inputs(
             known = name in _PER_POSITION or name == "hidden_states"
             if not known and any(isinstance(t, torch.Tensor) for t in tensors):
                 return None
-        kwargs["attention_mask"] = packing.mask(windows[i], hidden.dtype)
+        if windows[i] not in masks:
+            masks[windows[i]] = packing.mask(windows[i], hidden.dtype)
+        kwargs["attention_mask"] = masks[windows[i]]
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = packing.gather(kwargs["position_ids"])
         if kwargs.get("position_embeddings") is not None:

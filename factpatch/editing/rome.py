@@ -464,7 +464,7 @@ def _optimise(
     packing = Packing.plan(batch.subject_pos, batch.lengths, batch.ids.shape[1])
     recorder = PrefixKV()
     inputs = with_cache(captured, handle.adapter.cache_kwarg, recorder)
-    packed = False
+    packed = False  # the later passes' inputs are packed (set after the first pass)
     stats.positions = [batch.ids.numel(), batch.ids.numel()]
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
@@ -512,9 +512,12 @@ def _optimise(
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
             if step == 0:
-                packed = _switch_to_packed(handle, upper, captured, packing, recorder, layout)
+                packed_inputs = _switch_to_packed(
+                    handle, upper, captured, packing, recorder, layout
+                )
+                packed = packed_inputs is not None
                 if packed:
-                    inputs = packed
+                    inputs = packed_inputs
                     stats.positions[1] = len(packing.rows)
     stats.steps = step  # updates made
     stats.delta_norm = float(delta.detach().norm())
