@@ -31,6 +31,7 @@ from timing import ms
 
 from factpatch.editing import Delta, default_hparams
 from factpatch.ledger import Ledger
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models import load_model
 from factpatch.runtime import Replica, Sampling, generate
 from factpatch.store import EmbeddedRedis
@@ -52,7 +53,9 @@ def measure_pauses(
     layer = default_hparams(replica.handle).layer
     for seed in range(n_versions):
         delta = random_delta(replica, layer, seed)
-        replica.add_edits([delta], [[{"bench": seed}]], replica.version)
+        LedgerWriter(replica.ledger, replica).add_edits(
+            [delta], [[{"bench": seed}]], replica.version
+        )
     stop, tokens = threading.Event(), [0]
 
     def busy() -> None:

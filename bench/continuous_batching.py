@@ -33,6 +33,7 @@ from timing import ms
 
 from factpatch.editing import default_hparams
 from factpatch.ledger import Ledger
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models import load_model
 from factpatch.runtime import Batcher, Replica, Sampling, generate
 from factpatch.store import EmbeddedRedis
@@ -121,7 +122,7 @@ def applies_under_load(
 ) -> dict:
     layer = default_hparams(replica.handle).layer
     for seed in range(4):
-        replica.add_edits(
+        LedgerWriter(replica.ledger, replica).add_edits(
             [random_delta(replica, layer, seed)], [[{"bench": seed}]], replica.version
         )
     replica.applies.clear()
@@ -168,7 +169,7 @@ def mixed_versions(replica: Replica, clients: int, seconds: float, tokens: int) 
     layer = default_hparams(replica.handle).layer
     while replica.version < 3:
         seed = 100 + replica.version
-        replica.add_edits(
+        LedgerWriter(replica.ledger, replica).add_edits(
             [random_delta(replica, layer, seed)], [[{"bench": seed}]], replica.version
         )
     head = replica.version

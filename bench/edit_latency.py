@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from factpatch.editing import apply_delta, base_weights, compute_edit, default_hparams, materialize
 from factpatch.editing.covariance import covariance_solver
-from factpatch.editing.rome import _build_batch, _capture, _run_blocks, upper_modules
+from factpatch.editing.keys import capture
+from factpatch.editing.targets import build_loss_batch, run_blocks, upper_modules
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import load_records, request_for
 from factpatch.models import load_model
@@ -35,7 +36,7 @@ DATA = "../shared/data/counterfact/counterfact-val.json"
 
 def step_times(handle, request, hp, templates, repeats: int = 3) -> dict[str, float]:
     """Seconds for one forward+backward step: naive full model vs factpatch's truncated run."""
-    batch = _build_batch(handle, request, templates)
+    batch = build_loss_batch(handle, request, templates)
     rows = torch.arange(batch.ids.shape[0])
     rewrite = handle.rewrite_module(hp.layer)
     d_out = handle.rewrite_weight(hp.layer).shape[0]
@@ -55,12 +56,12 @@ def step_times(handle, request, hp, templates, repeats: int = 3) -> dict[str, fl
             )
             torch.autograd.grad(loss, [delta])
 
-    captured, _ = _capture(handle, batch.ids, hp.layer)
+    captured, _ = capture(handle, batch.ids, hp.layer)
     blocks = handle.module(handle.adapter.blocks)
 
     def fast() -> None:
         with thread_hooks(forward=[(rewrite, add)]):
-            hidden = _run_blocks(blocks, captured, range(hp.layer, handle.n_layers))
+            hidden = run_blocks(blocks, captured, range(hp.layer, handle.n_layers))
             picked = hidden[batch.nll_rows, batch.nll_pos]
             log_probs = F.log_softmax(upper_modules(handle, hp.layer).logits(picked).float(), -1)
             loss = -log_probs.gather(1, batch.nll_ids[:, None]).mean()

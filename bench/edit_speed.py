@@ -7,7 +7,7 @@ records — seconds, ES/PS/NS, and how far the updates are apart.
 Settings (``--settings``, comma-separated):
 
 * ``unpacked``: the model's dtype, every optimisation pass over every position (the code before
-  the packed passes of factpatch/editing/packed.py; this script turns them off, nothing else);
+  the packed passes of factpatch/editing/packed.py: ``compute_edit(..., packed=False)``);
 * ``model``: the model's dtype, packed passes (the same δ up to float rounding);
 * ``bfloat16`` / ``auto`` / …: ``optimise_dtype``, packed passes.
 
@@ -24,13 +24,11 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from factpatch.editing import base_weights, compute_edit, load_weights, materialize, rome
+from factpatch.editing import base_weights, compute_edit, load_weights, materialize
 from factpatch.editing.hparams import default_hparams
 from factpatch.evaluation.counterfact import load_records, measure, request_for, summarise
 from factpatch.models import load_model
@@ -39,18 +37,6 @@ DATA = "../shared/data/counterfact/counterfact-val.json"
 
 
 UNPACKED = "unpacked"
-
-
-@contextmanager
-def unpacked(on: bool) -> Iterator[None]:
-    """Every optimisation pass over every position, as before the packed passes."""
-    switch = rome._switch_to_packed
-    if on:
-        rome._switch_to_packed = lambda *args: None
-    try:
-        yield
-    finally:
-        rome._switch_to_packed = switch
 
 
 def _machine() -> str:
@@ -80,10 +66,11 @@ def run(args: argparse.Namespace) -> None:
             line = {"case_id": record.get("case_id"), "machine": _machine()}
             updates = {}
             for name in settings:
-                with unpacked(name == UNPACKED):
-                    started = time.perf_counter()
-                    delta = compute_edit(handle, request_for(record), hps[name])
-                    seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                delta = compute_edit(
+                    handle, request_for(record), hps[name], packed=name != UNPACKED
+                )
+                seconds = time.perf_counter() - started
                 left, right = delta.factors[path]
                 updates[name] = (left.double() @ right.double().T).flatten()
                 load_weights(handle, materialize(handle, base, [delta]))

@@ -1,12 +1,12 @@
 """How long one causal trace takes, batched (factpatch) against one forward per restoration.
 
-    flock /tmp/fp-heavy.lock python bench/trace_speed.py [--model gemma-3-270m] \\
+    flock /tmp/fp-heavy.lock python -m bench.trace_speed [--model gemma-3-270m] \\
         [--naive hidden] [--out bench/results/trace_speed.json]
 
 Reports, for one prompt at the paper's settings (10 noise samples, window 10):
 * seconds of ``trace`` for each kind alone, and of ``trace_kinds`` for all three at once;
 * side by side for the kinds named by ``--naive``: the plain computation of
-  ``factpatch.tracing.reference`` (the paper's reference method: for each (token, layer), one
+  ``tests/reference_trace.py`` (the paper's reference method: for each (token, layer), one
   forward of [clean row, 10 corrupted rows] over the whole prompt with the model's own LM head),
   its seconds, the ratio, and the largest difference between the two effect matrices;
 * one-time costs: model load, the noise-level measurement (or its cache read).
@@ -27,7 +27,7 @@ from factpatch.models import load_model
 from factpatch.models.options import model_args
 from factpatch.tracing import KINDS, trace, trace_kinds
 from factpatch.tracing.noise import subject_embedding_std
-from factpatch.tracing.reference import trace_reference
+from tests.reference_trace import trace_reference
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"

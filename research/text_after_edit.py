@@ -48,6 +48,11 @@ SETTINGS |= {
     "questions8-continuation-kl0.25-bf16": SETTINGS["continuation-kl0.25"]
     | BF16
     | {"essence_questions": 8},
+    # The questions at the paper's KL factor (0.0625).
+    "questions8-bf16": SETTINGS["paper"] | BF16 | {"essence_questions": 8},
+    "questions8-continuation-bf16": SETTINGS["continuation-kl0.25"]
+    | BF16
+    | {"essence_questions": 8, "kl_factor": 0.0625},
 }
 
 

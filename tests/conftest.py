@@ -129,6 +129,11 @@ def build_tiny(
     return wrap_model(model.to(TEST_DEVICE, dtype), tokenizer, name=f"tiny-{family}")
 
 
+def val_sample() -> list[dict]:
+    """The CounterFact validation sample that ships with the tests (tests/data)."""
+    return json.loads((DATA / "counterfact_val_sample.json").read_text())
+
+
 def random_delta(handle: ModelHandle, seed: int, scale: float = 3.0) -> Delta:
     """A strong random rank-one change of one rewrite module (layer = seed mod depth), so that
     versions built from such deltas answer differently."""

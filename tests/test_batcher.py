@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.runtime import Batcher, Replica, Sampling, complete, generate, stream, stream_all
 from tests.test_runtime import random_delta
 
@@ -108,7 +109,9 @@ def test_a_swap_neither_waits_for_nor_disturbs_running_requests(tiny, ledger):
     """A request keeps the version it started on to the end (the difference to the new live
     weights is added to its rows), so a swap restarts nothing and waits for one step only."""
     replica = Replica(tiny, ledger).start()
-    replica.add_edits([random_delta(tiny, 0)], [[{}]], replica.version)
+    LedgerWriter(replica.ledger, replica).add_edits(
+        [random_delta(tiny, 0)], [[{}]], replica.version
+    )
     s = Sampling(max_new_tokens=40, temperature=1.0, seed=3)  # sampling: sensitive to logits
     expected = {v: (replica.apply(v), generate(replica, PROMPTS[0], s).text)[1] for v in (0, 1)}
     assert expected[0] != expected[1]

@@ -8,6 +8,7 @@ import pytest
 
 from factpatch.cli import main, set_overrides
 from factpatch.ledger import Ledger
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models import load_model, tensor_sha256
 from factpatch.runtime import Replica
 from tests.conftest import DATA, TEST_DEVICE, random_delta
@@ -206,7 +207,9 @@ def test_ledger_commands(folder, ledger, redis_url, capsys, tmp_path):
     handle = load_model(folder, device=TEST_DEVICE)
     replica = Replica(handle, ledger).start()
     for seed in range(2):
-        replica.add_edits([random_delta(handle, seed)], [[{"seed": seed}]], replica.version)
+        LedgerWriter(replica.ledger, replica).add_edits(
+            [random_delta(handle, seed)], [[{"seed": seed}]], replica.version
+        )
     store = ["--redis-url", redis_url, "--ledger", ledger.name]
 
     assert main(["ledger", "list", *store, "--json"]) == 0
@@ -215,7 +218,7 @@ def test_ledger_commands(folder, ledger, redis_url, capsys, tmp_path):
     assert '{"seed": 1}' in capsys.readouterr().out
 
     model = ["--model", folder, "--device", TEST_DEVICE]
-    assert main(["ledger", "rollback", "--to", "1", *store, *model, "--json"]) == 0
+    assert main(["ledger", "rollback", "--to", "1", *store, "--json"]) == 0  # no model
     rolled = json.loads(capsys.readouterr().out)
     assert rolled["number"] == 3 and rolled["actor"] == "cli"
     assert ledger.head() == 3
@@ -229,7 +232,17 @@ def test_ledger_commands(folder, ledger, redis_url, capsys, tmp_path):
     copy = ["--redis-url", redis_url, "--ledger", ledger.name + "-copy"]
     assert main(["ledger", "import", str(tmp_path / "snap"), *copy]) == 0
     assert "head is version 3" in capsys.readouterr().out
-    assert Ledger(ledger.redis, ledger.name + "-copy").versions() == ledger.versions()
+    copied = Ledger(ledger.redis, ledger.name + "-copy")
+    assert copied.versions() == ledger.versions()
+    assert copied.base_hashes() == ledger.base_hashes() and ledger.base_hashes()
+
+    edit_2 = ledger.get(2).edits[-1]
+    assert main(["ledger", "rollback", "--to", "2", *store]) == 0
+    capsys.readouterr()
+    assert main(["ledger", "revert", edit_2, *store, *model, "--json"]) == 0
+    reverted = json.loads(capsys.readouterr().out)
+    assert reverted["edits"] == list(ledger.get(1).edits) and reverted["number"] == 5
+    assert reverted["hashes"] == rolled["hashes"]  # version 1's edits, materialised again
 
     assert main(["ledger", "show", "99", *store]) == 4
     assert "version: 99 does not exist" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_cached_with_provenance(tiny_llama, corpus_file, monkeypatch):
     def no_recompute(*_args, **_kwargs):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(covariance, "_accumulate", no_recompute)
+    monkeypatch.setattr(covariance, "accumulate", no_recompute)
     again = layer_covariances(tiny_llama, [0, 2], n_tokens=40, corpus=corpus_file)
     assert torch.equal(again[2].cov, first[2].cov)
     assert again[0].provenance == first[0].provenance

@@ -17,8 +17,9 @@ from factpatch.editing import (
     load_weights,
     materialize,
 )
+from factpatch.editing.keys import capture
 from factpatch.editing.prompts import continuation_logprobs
-from factpatch.editing.rome import _capture, _run_blocks
+from factpatch.editing.targets import run_blocks
 from factpatch.models import weights_hash
 
 
@@ -37,8 +38,8 @@ def test_upper_blocks_reproduce_the_full_forward(tiny):
     chosen positions) must give the model's own logits."""
     ids = tiny.tokenizer(["The Eiffel Tower is located in"], return_tensors="pt")["input_ids"]
     for layer in (0, 2):
-        captured, _ = _capture(tiny, ids, layer)
-        hidden = _run_blocks(tiny.module(tiny.adapter.blocks), captured, range(layer, 4))
+        captured, _ = capture(tiny, ids, layer)
+        hidden = run_blocks(tiny.module(tiny.adapter.blocks), captured, range(layer, 4))
         logits = tiny.logits(hidden[0])
         torch.testing.assert_close(logits, tiny.model(input_ids=ids).logits[0])
     assert all_hooks(tiny) == 0
@@ -64,17 +65,17 @@ def test_compute_edit_is_pure_rank_one_and_effective(tiny, tiny_hparams, eiffel)
 
 def test_inserted_pair_holds_exactly(tiny_llama, tiny_hparams, eiffel):
     """After the update, W' k̄ = W k̄ + δ (ROME eq. 2 with the r-ROME key)."""
-    from factpatch.editing.rome import _build_batch, _optimise
+    from factpatch.editing.targets import build_loss_batch, optimise_target
     from factpatch.editing.templates import context_templates
 
     templates = context_templates(tiny_llama, list(tiny_hparams.templates), 0)
-    key, _, delta_vec, _ = _optimise(tiny_llama, eiffel, tiny_hparams, templates, None)
+    key, _, delta_vec, _ = optimise_target(tiny_llama, eiffel, tiny_hparams, templates, None)
     delta = compute_edit(tiny_llama, eiffel, tiny_hparams)
     w = tiny_llama.rewrite_weight(tiny_hparams.layer).float()
     (path,) = delta.factors
     w_new = w + delta.dense(path)
     torch.testing.assert_close(w_new @ key, w @ key + delta_vec, atol=1e-4, rtol=1e-4)
-    assert _build_batch  # the batch builder is exercised by _optimise
+    assert build_loss_batch  # the batch builder is exercised by optimise_target
 
 
 def test_same_seed_same_delta(tiny_llama, tiny_hparams, eiffel):
@@ -177,11 +178,11 @@ def test_layer_out_of_range_is_refused(tiny_llama, tiny_hparams, eiffel):
 def _targets_most_probable(handle, request, hp, templates, delta_vec) -> bool:
     """Whether, with δ added at the subject's last token, every target token is the most
     probable one at its position in every prefixed prompt."""
-    from factpatch.editing.rome import _build_batch
+    from factpatch.editing.targets import build_loss_batch
     from factpatch.models.hooks import thread_hooks
 
-    batch = _build_batch(handle, request, templates)
-    captured, _ = _capture(handle, batch.ids, hp.layer)
+    batch = build_loss_batch(handle, request, templates)
+    captured, _ = capture(handle, batch.ids, hp.layer)
     rows = torch.arange(batch.ids.shape[0])
 
     def add(_module, _args, output):
@@ -191,7 +192,7 @@ def _targets_most_probable(handle, request, hp, templates, delta_vec) -> bool:
 
     blocks, upper = handle.module(handle.adapter.blocks), range(hp.layer, handle.n_layers)
     with torch.no_grad(), thread_hooks(forward=[(handle.rewrite_module(hp.layer), add)]):
-        hidden = _run_blocks(blocks, captured, upper)
+        hidden = run_blocks(blocks, captured, upper)
     logits = handle.logits(hidden[batch.nll_rows, batch.nll_pos])
     return bool((logits.argmax(-1) == batch.nll_ids).all())
 
@@ -201,7 +202,7 @@ def test_most_probable_early_stopping_stops_at_the_first_step_that_makes_every_t
 ):
     """MPES (Gupta et al. 2025): with the NLL stop off, the optimisation ends at the first step
     after which the target is the top token in every prompt — not before, not later."""
-    from factpatch.editing.rome import _optimise
+    from factpatch.editing.targets import optimise_target
     from factpatch.editing.templates import context_templates
 
     # The subject ends the prompt and the target is one token: a random tiny model's later
@@ -210,10 +211,10 @@ def test_most_probable_early_stopping_stops_at_the_first_step_that_makes_every_t
     hp = tiny_hparams.with_overrides(steps=60, early_stop_loss=0.0)
     templates = context_templates(tiny_llama, list(hp.templates), 0)
     mpes = hp.with_overrides(early_stop_most_probable=True)
-    *_, delta_vec, stats = _optimise(tiny_llama, request, mpes, templates, None)
-    *_, _, full = _optimise(tiny_llama, request, hp, templates, None)
+    *_, delta_vec, stats = optimise_target(tiny_llama, request, mpes, templates, None)
+    *_, _, full = optimise_target(tiny_llama, request, hp, templates, None)
     assert full.steps == 59 and 0 < stats.steps < 59  # 60 passes: at most 59 updates
     assert _targets_most_probable(tiny_llama, request, hp, templates, delta_vec)
     earlier = hp.with_overrides(steps=stats.steps)  # one update fewer
-    *_, before, _ = _optimise(tiny_llama, request, earlier, templates, None)
+    *_, before, _ = optimise_target(tiny_llama, request, earlier, templates, None)
     assert not _targets_most_probable(tiny_llama, request, hp, templates, before)

@@ -10,6 +10,7 @@ import torch
 from factpatch.editing import base_weights, compute_memit, load_weights, materialize
 from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.gate import KeyGate, gated
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models import weights_hash
 from tests.conftest import REQUESTS
 from tests.test_memit import all_hooks, p_target
@@ -86,9 +87,9 @@ def test_a_sequential_run_measured_through_an_open_gate_matches_the_ungated_one(
     """The gate changes what is measured, never what is computed: open everywhere it scores the
     run as the ungated model does; a checkpoint measured one way is not resumed the other."""
     from factpatch.evaluation.sequential import evaluate_sequential
-    from tests.test_memit import _records
+    from tests.conftest import val_sample
 
-    records = _records()[:4]
+    records = val_sample()[:4]
     hp = memit_hparams.with_overrides(steps=2, prior_weight=1.0)
     options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, ppl_paragraphs=2, progress=False)
     before = weights_hash(tiny_llama.model)
@@ -109,7 +110,7 @@ def test_a_sequential_run_measured_through_an_open_gate_matches_the_ungated_one(
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5)
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
     # Scored again from its checkpoint, the gated run gives back every recorded figure.
-    from factpatch.evaluation.remeasure import remeasure_gated
+    from research.remeasure import remeasure_gated
     from tests.conftest import DATA
 
     again = remeasure_gated(tiny_llama, run, DATA / "counterfact_val_sample.json", -2.0)
@@ -151,7 +152,7 @@ def test_a_gated_replica_serves_the_ledger_behind_gates_and_rolls_back_exactly(
     probe.remove()
     assert float(torch.cat(scores, 1).max()) <= 0.4, "precondition: no key of the text passes"
     assert torch.equal(far, unedited_far)
-    writer.rollback(0)
+    LedgerWriter(writer.ledger, writer).rollback(0)
     assert gated_replica.catch_up() == 3 and gated_replica._slots[path].gate is None
     assert torch.equal(logits(served, prompt), unedited_prompt)
     assert weights_hash(served.model) == base_hash

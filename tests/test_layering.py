@@ -53,3 +53,21 @@ def test_only_the_entry_point_imports_the_top_level_cli():
         if path != PACKAGE / "cli.py" and "factpatch.cli" in _imports(path)
     ]
     assert not offenders, offenders
+
+
+def test_no_module_imports_another_modules_private_names():
+    """The engine's interface is its public names (editing/keys.py, targets.py, solve.py …):
+    nothing in the package, the benchmarks, the research code or the tests imports a
+    ``_private`` name from another module."""
+    root = PACKAGE.parent
+    offenders = [
+        f"{path.relative_to(root)}: {node.module}.{alias.name}"
+        for folder in ("factpatch", "bench", "research", "tests")
+        for path in (root / folder).rglob("*.py")
+        if "_gen" not in path.parts
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+    assert not offenders, offenders

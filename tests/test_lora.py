@@ -15,6 +15,7 @@ from factpatch.cli import main
 from factpatch.editing import compute_edit, compute_memit
 from factpatch.ledger import Ledger
 from factpatch.ledger.lora import export_lora
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.runtime import Replica
 from tests.conftest import REQUESTS, TINY_MEMIT, TINY_ROME
 
@@ -48,10 +49,14 @@ def test_rome_and_memit_versions_export_as_lora(tiny, ledger: Ledger, tmp_path):
     base = copy.deepcopy(tiny.model)
     replica = Replica(tiny, ledger).start()
     rome = compute_edit(tiny, REQUESTS[0], TINY_ROME)
-    replica.add_edits([rome], [[REQUESTS[0].to_dict()]], replica.version)
+    LedgerWriter(replica.ledger, replica).add_edits(
+        [rome], [[REQUESTS[0].to_dict()]], replica.version
+    )
     memit = compute_memit(tiny, REQUESTS[1:], TINY_MEMIT)  # on version 1's weights
     requests = [[r.to_dict() for r in REQUESTS[1:]]]
-    replica.add_edits([memit], requests, replica.version, method="memit")
+    LedgerWriter(replica.ledger, replica).add_edits(
+        [memit], requests, replica.version, method="memit"
+    )
     for version, terms in ((1, [1]), (2, [2, 3])):  # MEMIT: 2 terms on layers 0 and 1
         replica.apply(version)
         out = tmp_path / f"v{version}"
@@ -73,7 +78,9 @@ def test_cli_export_and_refusals(tiny_llama, ledger: Ledger, redis_url, tmp_path
     assert main(["ledger", "export-lora", "--version", "0", str(tmp_path / "none"), *store]) == 2
     assert "version: 0 has no active edits" in capsys.readouterr().err
     delta = compute_edit(tiny_llama, REQUESTS[0], TINY_ROME)
-    replica.add_edits([delta], [[REQUESTS[0].to_dict()]], replica.version)
+    LedgerWriter(replica.ledger, replica).add_edits(
+        [delta], [[REQUESTS[0].to_dict()]], replica.version
+    )
     out = tmp_path / "v1"
     assert main(["ledger", "export-lora", "--version", "1", str(out), *store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -95,10 +102,14 @@ def test_rome_and_memit_versions_of_the_bundled_gemma_export_as_lora(ledger: Led
     base = copy.deepcopy(handle.model)
     replica = Replica(handle, ledger).start()
     eiffel = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
-    replica.add_edits([compute_edit(handle, eiffel)], [[eiffel.to_dict()]], replica.version)
+    LedgerWriter(replica.ledger, replica).add_edits(
+        [compute_edit(handle, eiffel)], [[eiffel.to_dict()]], replica.version
+    )
     louvre = EditRequest("{} is located in the city of", "The Louvre", "Berlin")
     memit = compute_memit(handle, [louvre], default_memit_hparams(handle))
-    replica.add_edits([memit], [[louvre.to_dict()]], replica.version, method="memit")
+    LedgerWriter(replica.ledger, replica).add_edits(
+        [memit], [[louvre.to_dict()]], replica.version, method="memit"
+    )
     for version, subject, target in ((1, "The Eiffel Tower", "Rome"), (2, "The Louvre", "Berlin")):
         replica.apply(version)
         export_lora(ledger, version, tmp_path / f"v{version}")

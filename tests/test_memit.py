@@ -20,11 +20,12 @@ from factpatch.editing import (
     load_weights,
 )
 from factpatch.editing.covariance import layer_covariances
-from factpatch.editing.memit import _g, _g_inverse, _Rows, _trace
+from factpatch.editing.keys import Rows, trace
 from factpatch.editing.prompts import continuation_logprobs
+from factpatch.editing.targets import mlp_contribution, mlp_output_for
 from factpatch.editing.templates import context_templates
 from factpatch.models import weights_hash
-from tests.conftest import DATA, REQUESTS, TEST_DEVICE, build_tiny
+from tests.conftest import DATA, REQUESTS, TEST_DEVICE, build_tiny, val_sample
 
 
 def p_target(handle, request: EditRequest) -> float:
@@ -110,8 +111,8 @@ def test_the_solve_inserts_the_residual_at_the_keys(tiny_llama, memit_hparams):
     (path,) = delta.factors
     left, _ = delta.factors[path]
     templates = context_templates(tiny_llama, list(hp.templates), hp.template_seed)
-    rows = _Rows.build(tiny_llama, REQUESTS, templates)
-    keys = rows.average(_trace(tiny_llama, rows, [1], {}, 1).keys[1])  # [B, in]
+    rows = Rows.build(tiny_llama, REQUESTS, templates)
+    keys = rows.average(trace(tiny_llama, rows, [1], {}, 1).keys[1])  # [B, in]
     torch.testing.assert_close(delta.dense(path) @ keys.T, left, atol=1e-3, rtol=1e-3)
 
 
@@ -126,8 +127,8 @@ def test_key_templates_solve_the_per_context_least_squares(tiny_llama, memit_hpa
     templates = context_templates(tiny_llama, [(3, 4)], hp.template_seed)
     T = len(templates)
     assert delta.provenance["key_contexts"] == T == 5
-    rows = _Rows.build(tiny_llama, REQUESTS, templates)
-    per_context = _trace(tiny_llama, rows, [1], {}, 1).keys[1].double()  # [B·T, in]
+    rows = Rows.build(tiny_llama, REQUESTS, templates)
+    per_context = trace(tiny_llama, rows, [1], {}, 1).keys[1].double()  # [B·T, in]
     fitted = per_context.T / math.sqrt(T)  # [in, B·T]
     torch.testing.assert_close(delta.keys[path].double(), fitted, rtol=1e-5, atol=1e-6)
 
@@ -254,10 +255,15 @@ def test_post_norm_inverse_reaches_the_wanted_direction(tokenizer):
     assert norm is not None
     g = torch.Generator().manual_seed(0)
     v = torch.randn(3, 64, generator=g)
-    r = 0.3 * torch.randn(3, 64, generator=g) * _g(norm, v).norm(dim=-1, keepdim=True) / 8
+    r = (
+        0.3
+        * torch.randn(3, 64, generator=g)
+        * mlp_contribution(norm, v).norm(dim=-1, keepdim=True)
+        / 8
+    )
     with torch.no_grad():
-        reached = _g(norm, _g_inverse(norm, v, r))
-        wanted = _g(norm, v) + r
+        reached = mlp_contribution(norm, mlp_output_for(norm, v, r))
+        wanted = mlp_contribution(norm, v) + r
     cosine = torch.nn.functional.cosine_similarity(reached, wanted, dim=-1)
     assert bool((cosine > 0.9999).all()), cosine
     assert build_tiny("llama", tokenizer).post_mlp_norm(1) is None
@@ -284,14 +290,10 @@ def test_layers_out_of_range_are_refused(tiny_llama, memit_hparams):
 # --- the sequential evaluation ----------------------------------------------------------------
 
 
-def _records() -> list[dict]:
-    return json.loads((DATA / "counterfact_val_sample.json").read_text())
-
-
 def test_score_pairs_matches_the_single_edit_scorer(tiny_llama):
     from factpatch.evaluation.sequential import score_pairs
 
-    pairs = [(r["prompt"], r["target_new"]) for r in _records()[:5]]
+    pairs = [(r["prompt"], r["target_new"]) for r in val_sample()[:5]]
     expected = continuation_logprobs(tiny_llama.model, tiny_llama.tokenizer, pairs, "cpu")
     torch.testing.assert_close(score_pairs(tiny_llama, pairs), expected, atol=1e-4, rtol=1e-4)
 
@@ -312,7 +314,7 @@ def test_sequential_evaluation_runs_resumes_and_restores(
 ):
     from factpatch.evaluation.sequential import evaluate_sequential
 
-    records = _records()[:4]
+    records = val_sample()[:4]
     hp = tiny_hparams.with_overrides(steps=2) if method == "rome" else memit_hparams
     if method == "alphaedit":
         hp = threshold_at_median(tiny_llama, hp)
@@ -341,10 +343,6 @@ def test_sequential_evaluation_runs_resumes_and_restores(
     # The last point's wear is the final measurement (same model, same seeded generations).
     assert report["curve"][-1]["perplexity"] == report["perplexity"]
     assert report["curve"][-1]["fluency"] == report["fluency"]["ngram_entropy"]
-    from factpatch.evaluation.plot import plot
-
-    plot([report], str(tmp_path / "curve.png"), "tiny")
-    assert (tmp_path / "curve.png").stat().st_size > 0
     for key in ("efficacy", "paraphrase", "neighborhood", "perplexity", "unedited_perplexity"):
         assert math.isfinite(report[key])
     assert report["fluency"]["ngram_entropy"] >= 0
@@ -404,8 +402,8 @@ def test_rome_deltas_carry_their_keys(tiny_llama, memit_hparams):
     delta = compute_edit(tiny_llama, REQUESTS[:2], hp)
     path = tiny_llama.adapter.rewrite_path(1)
     templates = context_templates(tiny_llama, [(5, 3)], hp.template_seed)
-    rows = _Rows.build(tiny_llama, REQUESTS[:2], templates)
-    expected = rows.average(_trace(tiny_llama, rows, [1], {}, 1).keys[1])  # [B, in]
+    rows = Rows.build(tiny_llama, REQUESTS[:2], templates)
+    expected = rows.average(trace(tiny_llama, rows, [1], {}, 1).keys[1])  # [B, in]
     torch.testing.assert_close(delta.keys[path], expected.T, rtol=1e-5, atol=1e-6)
     state = SequentialState.from_deltas(tiny_llama, [delta])
     assert state.n_edits == 2 and set(state.grams) == {1}
@@ -442,164 +440,6 @@ def test_guard_reads_the_update_per_fact(tiny_llama, memit_hparams):
     compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=1.01 * worst))
     with pytest.raises(DegenerateEditError, match="√batch"):
         compute_memit(tiny_llama, REQUESTS, hp.with_overrides(max_update_ratio=0.99 * worst))
-
-
-@pytest.mark.parametrize("prior_weight", [0.0, 1.0])
-def test_replay_reproduces_the_recorded_run_and_a_larger_lambda_edits_less(
-    prior_weight, tiny_llama, memit_hparams, tmp_path
-):
-    from factpatch.editing import materialize
-    from factpatch.evaluation.memit_replay import load_run, replay, run_covariance
-    from factpatch.evaluation.sequential import evaluate_sequential
-
-    records = _records()[:4]
-    hp = memit_hparams.with_overrides(layers=(1,), steps=2, prior_weight=prior_weight)
-    options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, ppl_paragraphs=2, progress=False)
-    evaluate_sequential(tiny_llama, records, "memit", hp, checkpoint=tmp_path, **options)
-    report, deltas = load_run(tmp_path)
-    path = tiny_llama.adapter.rewrite_path(1)
-    base = base_weights(tiny_llama, [path])
-    recorded = materialize(tiny_llama, {path: base[path]}, deltas)[path]
-    load_weights(tiny_llama, {path: recorded})
-    recorded_w = tiny_llama.rewrite_weight(1).double().clone()
-    load_weights(tiny_llama, base)
-
-    same = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight)
-    assert len(same) == 2
-    torch.testing.assert_close(same[-1], recorded_w, atol=1e-5, rtol=1e-4)
-    w0 = base[path].double()
-    stronger = replay(tiny_llama, report, deltas, records, 100 * hp.mom2_update_weight)
-    assert (stronger[-1] - w0).norm() < 0.5 * (same[-1] - w0).norm()
-    halved = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight, scale=0.5)
-    torch.testing.assert_close(halved[0] - w0, 0.5 * (same[0] - w0))
-    # another covariance goes into the solve: C twice as large is λ twice as large
-    cov = run_covariance(tiny_llama, report)
-    doubled = replay(tiny_llama, report, deltas, records, hp.mom2_update_weight, cov=2 * cov)
-    twice = replay(tiny_llama, report, deltas, records, 2 * hp.mom2_update_weight)
-    torch.testing.assert_close(doubled[-1], twice[-1])
-    assert not torch.allclose(doubled[-1], same[-1])
-    # the earlier batch's keys in the solve (μ = 1) or not (μ = 0): the run's μ reproduces it
-    other = replay(
-        tiny_llama, report, deltas, records, hp.mom2_update_weight, prior=1 - prior_weight
-    )
-    torch.testing.assert_close(other[0], same[0])  # the first batch has no earlier keys
-    assert not torch.allclose(other[-1], same[-1], atol=1e-5, rtol=1e-4)
-    # the ridge α·I joins λC: the same as re-solving with C + (α/λ)·I, and ‖ΔW‖_F shrinks
-    lam = hp.mom2_update_weight
-    alpha = lam * float(torch.trace(cov)) / cov.shape[0]  # λ × C's mean eigenvalue
-    ridged = replay(tiny_llama, report, deltas, records, lam, ridge=alpha)
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    shifted = replay(tiny_llama, report, deltas, records, lam, cov=cov + (alpha / lam) * eye)
-    torch.testing.assert_close(ridged[-1], shifted[-1])
-    assert (ridged[0] - w0).norm() < (same[0] - w0).norm()
-    # scored as an experiment's replay line: the run's last point, and the weights put back
-    from factpatch.evaluation.memit_replay import scored_replay
-    from factpatch.evaluation.sequential import heldout_paragraphs, run_paragraphs
-
-    held, _ = heldout_paragraphs(None, run_paragraphs(report))
-    before = weights_hash(tiny_llama.model)
-    line = scored_replay(tiny_llama, report, deltas, records, held, base, lam, cov.double())
-    assert weights_hash(tiny_llama.model) == before
-    last = report["curve"][-1]
-    assert line["perplexity"] == pytest.approx(last["perplexity"], rel=1e-5)
-    assert [line[k] for k in ("efficacy", "paraphrase", "neighborhood")] == [
-        last[k] for k in ("efficacy", "paraphrase", "neighborhood")
-    ]
-    change = recorded_w - w0
-    assert line["wear"] == pytest.approx(
-        float(torch.trace(change @ cov.double() @ change.T)), rel=1e-3
-    )
-    assert line["perplexity_change"] == pytest.approx(
-        line["perplexity"] / report["unedited_perplexity"] - 1
-    )
-
-
-def test_replay_refuses_runs_it_cannot_reproduce(tmp_path):
-    from factpatch.evaluation.memit_replay import load_run
-
-    for method, layers in (("alphaedit", [1]), ("memit", [1, 2])):
-        (tmp_path / "progress.json").write_text(json.dumps({"method": method, "layers": layers}))
-        with pytest.raises(ValueError, match="only single-layer MEMIT"):
-            load_run(tmp_path)
-    report = {"method": "memit", "layers": [1], "hparams": {"key_templates": [[10, 20]]}}
-    (tmp_path / "progress.json").write_text(json.dumps(report))
-    with pytest.raises(ValueError, match="key_templates"):
-        load_run(tmp_path)
-
-
-def test_plot_labels_tell_apart_runs_of_one_method():
-    from factpatch.evaluation.plot import labels
-
-    runs = [
-        {"method": "memit", "hparams": {"clamp_norm_factor": 1.0, "layers": [2]}},
-        {"method": "memit", "hparams": {"clamp_norm_factor": 0.5, "layers": [2]}},
-        {"method": "alphaedit", "hparams": {"clamp_norm_factor": 1.0, "layers": [2]}},
-    ]
-    assert labels(runs) == [
-        "memit (clamp=1)",
-        "memit (clamp=0.5)",
-        "alphaedit",
-    ]
-    # a setting a run does not record (it predates it) reads as its default
-    runs.append(
-        {
-            "method": "memit",
-            "hparams": {"clamp_norm_factor": 0.5, "layers": [2], "prior_weight": 1.0},
-        }
-    )
-    assert labels(runs)[1] == "memit (clamp=0.5, μ=0)"
-    assert labels(runs)[3] == "memit (clamp=0.5, μ=1)"
-    # the same run measured behind a key gate
-    runs.append({**runs[3], "gate_threshold": 0.5})
-    assert labels(runs)[3:] == [
-        "memit (clamp=0.5, gate τ=none, μ=1)",
-        "memit (clamp=0.5, gate τ=0.5, μ=1)",
-    ]
-
-
-def test_remeasure_rebuilds_every_point_of_a_run(tiny_llama, memit_hparams, tmp_path):
-    from factpatch.evaluation.remeasure import remeasure_perplexity
-    from factpatch.evaluation.sequential import evaluate_sequential
-
-    records = _records()[:4]
-    hp = memit_hparams.with_overrides(steps=2)
-    options = dict(batch=2, fluency_prompts=2, fluency_tokens=5, progress=False)
-    evaluate_sequential(
-        tiny_llama,
-        records,
-        "memit",
-        hp,
-        checkpoint=tmp_path,
-        max_batches=1,
-        ppl_paragraphs=2,
-        **options,
-    )
-    # Resumed with another count: the run keeps the paragraphs it started with.
-    report = evaluate_sequential(
-        tiny_llama, records, "memit", hp, checkpoint=tmp_path, ppl_paragraphs=3, **options
-    )
-    assert report["complete"]
-    before = weights_hash(tiny_llama.model)
-    same = remeasure_perplexity(tiny_llama, tmp_path, 2)
-    assert weights_hash(tiny_llama.model) == before
-    assert same["unedited_perplexity"] == report["unedited_perplexity"]
-    assert [p["perplexity"] for p in same["curve"]] == [p["perplexity"] for p in report["curve"]]
-    wider = remeasure_perplexity(tiny_llama, tmp_path, 3)
-    assert [p["n_edits"] for p in wider["curve"]] == [2, 4]
-    assert wider["corpus_indices"][1] - wider["corpus_indices"][0] == 2
-    assert wider["curve"][1]["perplexity"] != same["curve"][1]["perplexity"]
-    from factpatch.evaluation.plot import main as plot_main
-    from factpatch.evaluation.plot import with_perplexity
-
-    progress = json.loads((tmp_path / "progress.json").read_text())
-    swapped = with_perplexity(progress, wider)
-    assert [p["perplexity"] for p in swapped["curve"]] == [p["perplexity"] for p in wider["curve"]]
-    assert swapped["unedited_perplexity"] == wider["unedited_perplexity"]
-    assert [p["efficacy"] for p in swapped["curve"]] == [p["efficacy"] for p in progress["curve"]]
-    (tmp_path / "ppl.jsonl").write_text(json.dumps(wider) + "\n")
-    args = [str(tmp_path / "progress.json"), "--perplexity", str(tmp_path / "ppl.jsonl")]
-    assert plot_main([*args, "--out", str(tmp_path / "p.png")]) == 0
-    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("spec", [[[0, 3]], [[5, -1]], [[5]], [[5, 2.5]]])

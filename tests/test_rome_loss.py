@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from factpatch.editing import EditRequest
 from factpatch.editing.prompts import encode
-from factpatch.editing.rome import (
+from factpatch.editing.targets import (
     ESSENCE_PROMPT,
     ESSENCE_QUESTIONS,
-    _build_batch,
-    _optimise,
-    _other_questions,
+    build_loss_batch,
+    optimise_target,
+    other_questions,
     resolve_optimise_dtype,
 )
 from factpatch.editing.templates import context_templates
@@ -97,7 +97,7 @@ def test_target_optimisation_is_the_papers_loss(tiny_llama, tiny_hparams):
     # A strong essence term, so that the KL's direction shows in δ.
     hp = tiny_hparams.with_overrides(kl_factor=20.0, steps=8, early_stop_loss=0.0)
     templates = context_templates(tiny_llama, list(hp.templates), hp.template_seed)
-    *_, delta, stats = _optimise(tiny_llama, REQUEST, hp, templates, None)
+    *_, delta, stats = optimise_target(tiny_llama, REQUEST, hp, templates, None)
     expected, updates, *_ = paper_delta(tiny_llama, REQUEST, hp, templates)
     assert stats.steps == updates == hp.steps - 1  # 8 passes, 7 updates
     torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)
@@ -115,7 +115,7 @@ def test_early_stop_tests_the_total_loss(tiny_llama, tiny_hparams):
     assert nlls[1] < threshold < min(losses), "the test must tell NLL and total loss apart"
     by_loss = hp.steps - 1  # never below: every pass runs
     hp = hp.with_overrides(early_stop_loss=threshold)
-    *_, delta, stats = _optimise(tiny_llama, REQUEST, hp, templates, None)
+    *_, delta, stats = optimise_target(tiny_llama, REQUEST, hp, templates, None)
     expected, updates, *_ = paper_delta(tiny_llama, REQUEST, hp, templates)
     assert stats.steps == updates == by_loss
     torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)
@@ -126,13 +126,13 @@ def test_kept_text_positions(tiny_llama):
     there over the unedited description, and the continuation after the target per row."""
     tok = tiny_llama.tokenizer
     templates = ["{}", "Hello there. {}"]
-    paper = _build_batch(tiny_llama, REQUEST, templates)
+    paper = build_loss_batch(tiny_llama, REQUEST, templates)
     essence = encode(tok, ESSENCE_PROMPT, REQUEST.subject)
     assert paper.kl_rows.tolist() == [2] and paper.kl_pos.tolist() == [essence.subject_last]
     assert paper.kl_weight.tolist() == [1.0]
 
     description, follow = [5, 6, 7], [8, 9]
-    kept = _build_batch(tiny_llama, REQUEST, templates, description, follow)
+    kept = build_loss_batch(tiny_llama, REQUEST, templates, description, follow)
     rows = [
         encode(tok, t.replace("{}", REQUEST.prompt), REQUEST.subject, REQUEST.target)
         for t in templates
@@ -159,7 +159,7 @@ def test_one_pass_or_none_makes_no_update(tiny_llama, tiny_hparams):
     templates = context_templates(tiny_llama, list(tiny_hparams.templates), 0)
     for steps in (0, 1):
         hp = tiny_hparams.with_overrides(steps=steps, early_stop_loss=0.0)
-        *_, delta, stats = _optimise(tiny_llama, REQUEST, hp, templates, None)
+        *_, delta, stats = optimise_target(tiny_llama, REQUEST, hp, templates, None)
         assert stats.steps == 0 and not delta.any()
 
 
@@ -168,12 +168,12 @@ def test_reduced_precision_optimisation(tiny, tiny_hparams):
     and the head; δ follows the float32 one closely and the served model is untouched."""
     templates = context_templates(tiny, list(tiny_hparams.templates), tiny_hparams.template_seed)
     weights = {name: p.detach().clone() for name, p in tiny.model.named_parameters()}
-    *_, exact, _ = _optimise(tiny, REQUEST, tiny_hparams, templates, None)
+    *_, exact, _ = optimise_target(tiny, REQUEST, tiny_hparams, templates, None)
     same_hp = tiny_hparams.with_overrides(optimise_dtype="float32")
-    *_, same, _ = _optimise(tiny, REQUEST, same_hp, templates, None)
+    *_, same, _ = optimise_target(tiny, REQUEST, same_hp, templates, None)
     assert torch.equal(same, exact)  # the model's own dtype: no copy, bit for bit
     half_hp = tiny_hparams.with_overrides(optimise_dtype="bfloat16")
-    *_, half, stats = _optimise(tiny, REQUEST, half_hp, templates, None)
+    *_, half, stats = optimise_target(tiny, REQUEST, half_hp, templates, None)
     assert half.dtype == torch.float32 and stats.steps == exact_steps(tiny_hparams)
     cosine = float(half @ exact / (half.norm() * exact.norm()))
     assert cosine > 0.99, cosine
@@ -199,7 +199,7 @@ def test_essence_questions_are_the_papers_kl_at_each_answer(tiny_llama, tiny_hpa
     hp = tiny_hparams.with_overrides(
         kl_factor=20.0, steps=6, early_stop_loss=0.0, essence_questions=len(ESSENCE_QUESTIONS)
     )
-    kept = _other_questions(tiny_llama, REQUEST, hp.essence_questions, [])
+    kept = other_questions(tiny_llama, REQUEST, hp.essence_questions, [])
     tok = tiny_llama.tokenizer
 
     def top(text: str) -> int:
@@ -214,7 +214,7 @@ def test_essence_questions_are_the_papers_kl_at_each_answer(tiny_llama, tiny_hpa
     assert kept, "the tiny model must keep some question for the test to see the term"
 
     templates = context_templates(tiny_llama, list(hp.templates), hp.template_seed)
-    *_, delta, _ = _optimise(tiny_llama, REQUEST, hp, templates, None)
+    *_, delta, _ = optimise_target(tiny_llama, REQUEST, hp, templates, None)
     expected, *_ = paper_delta(tiny_llama, REQUEST, hp, templates, questions=kept)
     torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)
     without, *_ = paper_delta(tiny_llama, REQUEST, hp, templates)
@@ -237,7 +237,7 @@ def test_packed_passes_are_the_full_passes(tiny, tiny_hparams):
     here has a sliding window of 8 < the rows' 17 tokens, so the window is in the mask)."""
     hp = tiny_hparams.with_overrides(kl_factor=20.0, steps=6, early_stop_loss=0.0)
     templates = context_templates(tiny, list(hp.templates), hp.template_seed)
-    *_, delta, stats = _optimise(tiny, REQUEST, hp, templates, None)
+    *_, delta, stats = optimise_target(tiny, REQUEST, hp, templates, None)
     full, packed = stats.positions
     assert packed < full / 2, stats.positions  # the packing was used, and it saves
     expected, *_ = paper_delta(tiny, REQUEST, hp, templates)

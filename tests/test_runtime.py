@@ -11,6 +11,7 @@ import torch
 
 from factpatch.editing import EditRequest, apply_delta, compute_edit, materialize
 from factpatch.ledger import Ledger, LedgerMismatchError
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime import (
     Batcher,
@@ -41,7 +42,9 @@ def rome_edits(replica: Replica, hparams, n: int) -> dict[int, str]:
     for subject, target in list(zip(SUBJECTS, TARGETS, strict=True))[:n]:
         request = EditRequest("{} is located in the city of", subject, target)
         delta = compute_edit(replica.handle, request, hparams)
-        commit = replica.add_edits([delta], [[request.to_dict()]], computed_on=replica.version)
+        commit = LedgerWriter(replica.ledger, replica).add_edits(
+            [delta], [[request.to_dict()]], computed_on=replica.version
+        )
         assert commit.created and replica.version == commit.version.number
         seen[replica.version] = weights_hash(replica.handle.model)
     return seen
@@ -53,14 +56,16 @@ def test_rollback_and_revert_restore_weights_bit_for_bit(tiny_llama, tiny_hparam
     seen = rome_edits(replica, tiny_hparams, 5)
     assert len(set(seen.values())) == 6  # every edit changed the weights
 
-    back = replica.rollback(2).version  # version 6
+    back = LedgerWriter(replica.ledger, replica).rollback(2).version  # version 6
     assert back.edits == ledger.get(2).edits and back.hashes == ledger.get(2).hashes
     assert weights_hash(tiny_llama.model) == seen[2]
-    forward = replica.rollback(5).version  # version 7
+    forward = LedgerWriter(replica.ledger, replica).rollback(5).version  # version 7
     assert weights_hash(tiny_llama.model) == seen[5] and forward.hashes == ledger.get(5).hashes
 
     edits = list(ledger.get(5).edits)
-    reverted, tainted = replica.revert(edits[2])  # version 8: without the middle edit
+    reverted, tainted = LedgerWriter(replica.ledger, replica).revert(
+        edits[2]
+    )  # version 8: without the middle edit
     remaining = [e for i, e in enumerate(edits) if i != 2]
     assert list(reverted.version.edits) == remaining
     assert tainted == edits[3:]  # edits 4 and 5 were computed on models containing edit 3
@@ -73,7 +78,7 @@ def test_rollback_and_revert_restore_weights_bit_for_bit(tiny_llama, tiny_hparam
     assert live == reverted.version.hashes
 
     with pytest.raises(ValueError, match=r"edit_id: .* not active"):
-        replica.revert(edits[2])
+        LedgerWriter(replica.ledger, replica).revert(edits[2])
     assert ledger.head() == 8
 
 
@@ -91,7 +96,7 @@ def test_bfloat16_edits_take_effect_and_roll_back_bit_for_bit(tokenizer, tiny_hp
     assert math.exp(score(replica, prompt, " Rome").logprob) > 1.3 * p_before
     follower = Replica(other, ledger).start()
     assert weights_hash(other.model) == seen[2]
-    replica.rollback(0)
+    LedgerWriter(replica.ledger, replica).rollback(0)
     assert weights_hash(handle.model) == seen[0]
     follower.catch_up()
     assert weights_hash(other.model) == seen[0]
@@ -112,7 +117,9 @@ def test_follower_applies_new_heads(tiny_llama, ledger):
     follower.follow(poll_interval=0.2)
     try:
         for seed in range(3):
-            leader.add_edits([random_delta(tiny_llama, seed)], [[{}]], leader.version)
+            LedgerWriter(leader.ledger, leader).add_edits(
+                [random_delta(tiny_llama, seed)], [[{}]], leader.version
+            )
             deadline = time.monotonic() + 10
             while follower.version != leader.version and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -125,7 +132,7 @@ def test_follower_applies_new_heads(tiny_llama, ledger):
 def test_replica_refuses_a_version_whose_hashes_do_not_match(tiny_llama, ledger):
     bystander = twin(tiny_llama)
     good = Replica(tiny_llama, ledger).start()
-    good.add_edits([random_delta(tiny_llama, 0)], [[{}]], 0)
+    LedgerWriter(good.ledger, good).add_edits([random_delta(tiny_llama, 0)], [[{}]], 0)
     record = ledger.get(1)
     forged = dict(record.hashes)
     forged[next(iter(forged))] = "0" * 64
@@ -142,7 +149,7 @@ def test_replica_refuses_a_corrupt_delta(tiny_llama, ledger):
     other = twin(tiny_llama)
     leader = Replica(tiny_llama, ledger).start()
     delta = random_delta(tiny_llama, 0)
-    leader.add_edits([delta], [[{}]], 0)
+    LedgerWriter(leader.ledger, leader).add_edits([delta], [[{}]], 0)
     ledger.redis.hset(ledger.k_blobs, delta.digest(), b"not a delta")
     late = Replica(other, ledger).start()
     assert not late.ready and "unreadable" in (late.fault or "")
@@ -156,7 +163,9 @@ def test_no_torn_reads_while_versions_change(tiny_llama, ledger, batching):
     continuous batching."""
     replica = Replica(tiny_llama, ledger).start()
     for seed in range(4):
-        replica.add_edits([random_delta(tiny_llama, seed)], [[{}]], replica.version)
+        LedgerWriter(replica.ledger, replica).add_edits(
+            [random_delta(tiny_llama, seed)], [[{}]], replica.version
+        )
     prompts = ["The Eiffel Tower is located in", "Rome is the capital of", "Big Ben is in"]
     sampling = Sampling(max_new_tokens=8)
     expected = {}
@@ -349,5 +358,5 @@ def test_non_finite_delta_is_refused_before_commit(tiny_llama, ledger):
     left[0, 0] = float("nan")
     delta.factors[path] = (left, right)
     with pytest.raises(ValueError, match="non-finite"):
-        replica.add_edits([delta], [[{}]], 0)
+        LedgerWriter(replica.ledger, replica).add_edits([delta], [[{}]], 0)
     assert ledger.head() == 0 and ledger.redis.hlen(ledger.k_blobs) == 0

@@ -37,8 +37,8 @@ from factpatch.tracing.dataset import (
     trace_dataset,
 )
 from factpatch.tracing.noise import KNOWN_SUBJECTS, NOISE_FACTOR, subject_embedding_std
-from factpatch.tracing.reference import trace_reference
 from tests.conftest import DATA, TEST_DEVICE, build_tiny
+from tests.reference_trace import trace_reference
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from factpatch.ledger import UnknownVersionError
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.runtime import Batcher, Replica, Sampling, generate, score, stream
 from tests.test_batcher import PROMPTS
 from tests.test_runtime import random_delta
@@ -26,7 +27,9 @@ def versions(tiny, ledger):
     twin = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model), cache={})
     replica = Replica(tiny, ledger).start()
     for seed in range(3):
-        replica.add_edits([random_delta(tiny, seed)], [[{}]], replica.version)
+        LedgerWriter(replica.ledger, replica).add_edits(
+            [random_delta(tiny, seed)], [[{}]], replica.version
+        )
     yield replica, Replica(twin, ledger).start()
     if replica.batcher is not None:
         replica.batcher.stop()
@@ -89,9 +92,11 @@ def test_rollback_and_revert_do_not_disturb_a_request_in_flight(versions):
     replica.batcher = Batcher(replica).start()
     events = stream(replica, PROMPTS[0], long, version=1)
     first = next(events)
-    replica.rollback(0)  # version 4: no edits
-    replica.rollback(3)  # version 5: version 3's edits again
-    replica.revert(replica.ledger.get(3).edits[0])  # version 6: without the first edit
+    LedgerWriter(replica.ledger, replica).rollback(0)  # version 4: no edits
+    LedgerWriter(replica.ledger, replica).rollback(3)  # version 5: version 3's edits again
+    LedgerWriter(replica.ledger, replica).revert(
+        replica.ledger.get(3).edits[0]
+    )  # version 6: without the first edit
     rest = list(events)
     assert {e.version for e in [first, *rest]} == {1} and not any(e.restart for e in rest)
     assert first.text + "".join(e.text for e in rest) == expected
@@ -115,7 +120,9 @@ def test_named_versions_on_the_bundled_gemma(ledger):
     twin = Replica(dataclasses.replace(handle, model=copy.deepcopy(handle.model), cache={}), ledger)
     replica = Replica(handle, ledger).start()
     for seed in range(3):
-        replica.add_edits([random_delta(handle, seed, scale=1.0)], [[{}]], replica.version)
+        LedgerWriter(replica.ledger, replica).add_edits(
+            [random_delta(handle, seed, scale=1.0)], [[{}]], replica.version
+        )
     twin.start()
     replica.batcher = Batcher(replica).start()
     prompt, s = "The Eiffel Tower is located in the city of", Sampling(max_new_tokens=8)

@@ -10,8 +10,8 @@ from factpatch.editing.hparams import (
 )
 from factpatch.editing.memit import SequentialState, compute_alphaedit, compute_memit
 from factpatch.editing.methods import METHODS, check_method, compute_delta
-from factpatch.editing.requests import EditRequest, InvalidEditError
-from factpatch.editing.rome import DegenerateEditError, compute_edit
+from factpatch.editing.requests import DegenerateEditError, EditRequest, InvalidEditError
+from factpatch.editing.rome import compute_edit
 
 __all__ = [
     "METHODS",

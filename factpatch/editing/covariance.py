@@ -102,7 +102,7 @@ def layer_covariances(
             found[layer] = CovarianceStats(cov, meta["n_tokens"], meta)
     missing = [layer for layer in layers if layer not in found]
     if missing:
-        computed = _accumulate(handle, missing, text, n_tokens, max_len, batch_size)
+        computed = accumulate(handle, missing, text, n_tokens, max_len, batch_size)
         for layer, stats in computed.items():
             path = _cache_path(handle, layer, text, n_tokens, max_len)
             meta, tmp = staging_path(path.with_suffix(".json")), staging_path(path)
@@ -155,7 +155,7 @@ def read_text(
 
 
 @torch.no_grad()
-def _accumulate(
+def accumulate(
     handle: ModelHandle,
     layers: list[int],
     corpus: Corpus,

@@ -30,14 +30,14 @@ class RomeHParams:
     # continuation after "prompt + new target".
     essence_tokens: int = 0
     continuation_tokens: int = 0
-    # …and keeps the unedited answer to this many of rome.ESSENCE_QUESTIONS about the subject
+    # …and keeps the unedited answer to this many of targets.ESSENCE_QUESTIONS about the subject
     # (those not answered with the edited relation's current answer or the new target).
     essence_questions: int = 0
     templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (prefix tokens, count)
     template_seed: int = 0
     # The δ optimisation's dtype: "model" (the model's own), a copy of the blocks it re-runs and
     # the head in another dtype ("bfloat16", "float16", "float32"), or "auto" (bfloat16 where
-    # the device has it natively: rome.resolve_optimise_dtype); keys and the solve stay as is.
+    # the device has it natively: targets.resolve_optimise_dtype); keys and the solve stay as is.
     optimise_dtype: str = "model"
     cov_tokens: int = 100_000
     key_mode: str = "averaged"  # "averaged" (r-ROME, Gupta et al. 2024) or "original"

@@ -4,8 +4,8 @@
 A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l_L):
 
 1. **Targets.**  For each request, δᵢ is optimised exactly as ROME does (same loss, same
-   templates; :func:`factpatch.editing.rome._optimise`) at the last layer l_L, where it is added
-   to the rewrite module's output.  The target for the residual stream after block l_L is
+   templates; :func:`factpatch.editing.targets.optimise_target`) at the last layer l_L, where it
+   is added to the rewrite module's output.  The target for the residual stream after block l_L is
    zᵢ = hᵢ + g(vᵢ + δᵢ) − g(vᵢ), with hᵢ that block's output and vᵢ the rewrite module's output
    at the subject's last token of the bare prompt, and g what the block does to the MLP output
    before adding it to the residual stream: the identity in GPT-2/J, NeoX and Llama-like
@@ -52,14 +52,9 @@ Purity as in ROME: no weight is written.  Earlier layers' updates act through th
 forward hooks that add ``left (rightᵀ k)`` to the rewrite module's output
 (:mod:`factpatch.models.hooks`), removed when each pass ends.
 
-On the bundled Gemma 3 270M the measured defaults edit a single layer (layer 4, λ = 75, μ = 1:
-a fifth of layer 2's perplexity cost per edit, docs/evaluation.md): with two to five layers the
-spread residual did not reach its target (efficacy 35–75 % against 100 % for one layer,
-counterfact-train).  The post-feed-forward norm fixes the
-size of each MLP's contribution to the residual stream, so an earlier layer cannot add an
-arbitrary share of it, which MEMIT's spreading assumes.  λ also scales with the key width: the
-fraction of the residual inserted at a typical key is s/(1+s) with s ≈ d_key/λ (Mahalanobis norm
-kᵀC⁻¹k ≈ d_key), so GPT-J's λ = 15,000 at d_key = 16,384 corresponds to λ ≈ 2,000 at 2,048.
+The bundled model's defaults (one layer, λ = 75, μ = 1) and the measurements behind them are in
+docs/evaluation.md; λ scales with the key width (the share of a residual written at a typical
+key is s/(1+s), s ≈ d_key/λ).
 
 Sequential editing state: K_p K_pᵀ is the only thing an edit needs from the edits before it,
 so both methods take it as an explicit :class:`SequentialState` (never changed; the next one is
@@ -76,17 +71,26 @@ from typing import Any
 
 import torch
 
-from factpatch.editing.covariance import layer_covariances
-from factpatch.editing.delta import Delta, output_hook
+from factpatch.editing.delta import Delta
 from factpatch.editing.hparams import MemitHParams, default_memit_hparams
-from factpatch.editing.prompts import encode, pad_batch
-from factpatch.editing.requests import EditRequest
-from factpatch.editing.rome import DegenerateEditError, _optimise, upper_modules
+from factpatch.editing.keys import Rows, trace
+from factpatch.editing.requests import DegenerateEditError, EditRequest
+from factpatch.editing.solve import (
+    alphaedit_right,
+    covariances,
+    memit_right,
+    nullspace_projector,
+    update_norm,
+)
+from factpatch.editing.targets import (
+    Target,
+    mlp_contribution,
+    mlp_output_for,
+    optimise_target,
+    upper_modules,
+)
 from factpatch.editing.templates import context_templates
-from factpatch.models.hooks import StopForward, block_output, run_until_stop, thread_hooks
 from factpatch.models.loading import ModelHandle
-
-ROWS_PER_PASS = 64  # rows per forward pass when collecting keys (bounds memory at batch 100+)
 
 
 @dataclass
@@ -137,13 +141,15 @@ def compute_memit(
     state: SequentialState | None = None,
     corpus: str | None = None,
     base_version: int = 0,
+    targets: list[Target] | None = None,
 ) -> Delta:
     """The MEMIT delta for a batch of requests (one factor pair per edited layer, rank ≤ B);
     never changes the model.  ``state`` holds the earlier edits' keys, which the solve keeps
-    with weight ``prior_weight`` (none given: no earlier edits)."""
-    return _compute(
-        handle, requests, hparams, corpus, state or SequentialState(), False, base_version
-    )
+    with weight ``prior_weight`` (none given: no earlier edits).  ``targets``: each request's
+    :func:`~factpatch.editing.targets.optimise_target` at the last layer, when the caller has
+    them (else they are optimised here)."""
+    state = state or SequentialState()
+    return _compute(handle, requests, hparams, corpus, state, False, base_version, targets)
 
 
 def compute_alphaedit(
@@ -154,11 +160,13 @@ def compute_alphaedit(
     state: SequentialState | None = None,
     corpus: str | None = None,
     base_version: int = 0,
+    targets: list[Target] | None = None,
 ) -> tuple[Delta, SequentialState]:
     """The AlphaEdit delta for a batch, given the earlier edits' ``state``; returns the delta
-    and the state to pass with the next batch (once this delta is applied)."""
+    and the state to pass with the next batch (once this delta is applied).  ``targets`` as
+    for :func:`compute_memit`."""
     state = state or SequentialState()
-    delta = _compute(handle, requests, hparams, corpus, state, True, base_version)
+    delta = _compute(handle, requests, hparams, corpus, state, True, base_version, targets)
     return delta, state.with_delta(handle, delta)
 
 
@@ -199,6 +207,7 @@ def _compute(
     state: SequentialState,
     alpha: bool,
     base_version: int,
+    targets: list[Target] | None,
 ) -> Delta:
     """The shared body of MEMIT and (``alpha``) AlphaEdit."""
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
@@ -213,36 +222,47 @@ def _compute(
 
     t0 = time.perf_counter()
     templates = context_templates(handle, [tuple(t) for t in hp.templates], hp.template_seed)
-    covs = _covariances(handle, layers, hp.cov_tokens, corpus)
-    projectors = {j: _nullspace(handle, j, covs[j], hp, corpus) for j in layers} if alpha else {}
+    covs = covariances(handle, layers, hp.cov_tokens, corpus)
+    projectors = {}
+    if alpha:
+        memo = (hp.cov_tokens, corpus)
+        projectors = {
+            j: nullspace_projector(handle, j, covs[j], hp.nullspace_threshold, memo) for j in layers
+        }
     seconds["setup"] = time.perf_counter() - t0
 
-    # 1. Targets: δᵢ at the last layer's rewrite output (ROME's optimisation, one per request).
+    # 1. Targets: δᵢ at the last layer's rewrite output (ROME's optimisation, one per request),
+    # unless the caller computed them (a sweep reuses them across settings).
     t0 = time.perf_counter()
     z_hp = hp.z_hparams()
     upper = upper_modules(handle, z_hp.layer, z_hp.optimise_dtype)
-    deltas, z_stats = [], []
-    for request in requests:
-        _, _, delta, stats = _optimise(handle, request, z_hp, templates, None, upper)
-        deltas.append(delta)
-        z_stats.append(stats.__dict__)
+    if targets is None:
+        targets = [optimise_target(handle, r, z_hp, templates, None, upper) for r in requests]
+    if len(targets) != len(requests):
+        raise ValueError(f"targets: {len(targets)} for {len(requests)} requests")
+    deltas = [target.delta for target in targets]
+    z_stats = [target.stats.__dict__ for target in targets]
     seconds["optimise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    rows = _Rows.build(handle, requests, templates)
+    rows = Rows.build(handle, requests, templates)
     key_templates = None
     key_rows = None
     if hp.key_templates:
         key_templates = context_templates(
             handle, [tuple(t) for t in hp.key_templates], hp.template_seed
         )
-        key_rows = _Rows.build(handle, requests, key_templates)
+        key_rows = Rows.build(handle, requests, key_templates)
     last = layers[-1]
-    first = _trace(handle, rows, [last], {}, last)
+    first = trace(handle, rows, [last], {}, last)
     v0 = first.values[last][rows.bare]  # [B, out]
     g_last = handle.post_mlp_norm(last)
     with torch.no_grad():
-        z = first.hidden[rows.bare] + _g(g_last, v0 + torch.stack(deltas)) - _g(g_last, v0)
+        z = (
+            first.hidden[rows.bare]
+            + mlp_contribution(g_last, v0 + torch.stack(deltas))
+            - mlp_contribution(g_last, v0)
+        )
     seconds["keys"] += time.perf_counter() - t0
 
     # 2. Spread the residual over the layers, recomputing keys on the model edited so far.
@@ -252,17 +272,17 @@ def _compute(
     layer_stats: list[dict[str, Any]] = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
-        now = _trace(handle, rows, [layer], prior, last)
+        now = trace(handle, rows, [layer], prior, last)
         K = rows.average(now.keys[layer]).double().T  # K_l: [in, B]
         fitted = K  # the keys the solve fits: their Gram F Fᵀ enters the preserved term
         if key_rows is not None:
-            per_context = _trace(handle, key_rows, [layer], prior, layer).keys[layer].double()
+            per_context = trace(handle, key_rows, [layer], prior, layer).keys[layer].double()
             K = key_rows.average(per_context).T  # K̄_l: [in, B]
             fitted = per_context.T / math.sqrt(len(key_templates))  # [in, B·T]
         with torch.no_grad():
             r = (z - now.hidden[rows.bare]) / (len(layers) - i)  # [B, d]
             v = now.values[layer][rows.bare]  # [B, out]
-            resid = (_g_inverse(handle.post_mlp_norm(layer), v, r) - v).double()  # Rᵀ: [B, out]
+            resid = (mlp_output_for(handle.post_mlp_norm(layer), v, r) - v).double()  # Rᵀ: [B, out]
         seconds["keys"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -270,17 +290,15 @@ def _compute(
         earlier = state.gram(layer, K.shape[0]).to(K.device)  # K_pK_pᵀ [in, in]
         if alpha:
             P = projectors[layer]["P"]  # [in, in]
-            A = earlier + fitted @ fitted.T
-            eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
-            right = P @ torch.linalg.solve(A @ P + hp.nullspace_l2 * eye, K)  # [in, B]
+            right = alphaedit_right(K, fitted, P, earlier, hp.nullspace_l2)  # [in, B]
         else:
-            A = hp.mom2_update_weight * cov + hp.prior_weight * earlier + fitted @ fitted.T
-            right = torch.linalg.solve(A, K)  # [in, B]
+            right = memit_right(  # [in, B]
+                K, fitted, cov, earlier, hp.mom2_update_weight, hp.prior_weight
+            )
         left = resid.T  # [out, B]
         weight = handle.rewrite_weight(layer).double()
-        # ‖left rightᵀ‖_F² = tr((leftᵀleft)(rightᵀright)), without forming the matrix.
-        update_norm = float(((left.T @ left) * (right.T @ right)).sum().clamp(min=0).sqrt())
-        ratio = update_norm / float(weight.norm())
+        norm = update_norm(left, right)
+        ratio = norm / float(weight.norm())
         # B facts' updates add up like independent terms (‖ΔW‖_F grows as √B), so the guard reads
         # the root-mean-square share per fact; for one fact it is ROME's ‖ΔW‖/‖W‖.
         per_fact = ratio / len(requests) ** 0.5
@@ -297,7 +315,7 @@ def _compute(
             {
                 "layer": layer,
                 "residual_norm": float(r.norm(dim=-1).mean()),
-                "update_norm": update_norm,
+                "update_norm": norm,
                 "update_ratio": ratio,
                 "update_ratio_per_fact": per_fact,
                 **({"nullspace_dim": projectors[layer]["dim"]} if alpha else {}),
@@ -340,138 +358,3 @@ def _guard(
         )
     if why:
         raise DegenerateEditError(f"batch refused at {path}: {why}")
-
-
-def _covariances(
-    handle: ModelHandle, layers: list[int], n_tokens: int, corpus: str | None
-) -> dict[int, torch.Tensor]:
-    """C_l (float64, on the model's device) for every layer; missing ones in one pass."""
-    memo = {j: ("cov", j, n_tokens, corpus) for j in layers}
-    missing = [j for j in layers if memo[j] not in handle.cache]
-    if missing:
-        for j, stats in layer_covariances(handle, missing, n_tokens, corpus).items():
-            handle.cache[memo[j]] = stats.cov.to(handle.device, torch.float64)
-    return {j: handle.cache[memo[j]] for j in layers}
-
-
-def _nullspace(
-    handle: ModelHandle, layer: int, cov: torch.Tensor, hp: MemitHParams, corpus: str | None
-) -> dict[str, Any]:
-    """AlphaEdit's projector P = Û Ûᵀ onto the eigenvectors of C with eigenvalue below the
-    threshold (cached per model, layer, statistics and threshold)."""
-    memo = ("nullspace", layer, hp.cov_tokens, corpus, hp.nullspace_threshold)
-    if memo not in handle.cache:
-        eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending, float64
-        small = eigvecs[:, eigvals < hp.nullspace_threshold]  # [in, n]
-        handle.cache[memo] = {"P": small @ small.T, "dim": int(small.shape[1])}
-    return handle.cache[memo]
-
-
-def _g(norm: torch.nn.Module | None, v: torch.Tensor) -> torch.Tensor:
-    return v if norm is None else norm(v)
-
-
-def _g_inverse(norm: torch.nn.Module | None, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """A rewrite-module output x with g(x) ≈ g(v) + r, for rows v, r [B, d].
-
-    RMSNorm(x) = γ ⊙ x / rms(x) is invariant to the scale of x, so x = c·a with
-    a = (g(v) + r) / γ reaches the wanted direction exactly (its size is the norm's to set);
-    c is the scale that keeps x closest to v."""
-    if norm is None:
-        return v + r
-    wanted = norm(v) + r
-    gain = norm(torch.ones_like(v[:1]))  # γ (up to √(1+ε))
-    gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
-    a = wanted / gain
-    c = (a * v).sum(-1, keepdim=True) / (a * a).sum(-1, keepdim=True).clamp(min=1e-30)
-    rms_match = v.pow(2).mean(-1, keepdim=True).sqrt() / a.pow(2).mean(-1, keepdim=True).sqrt()
-    return torch.where(c > 0, c, rms_match) * a
-
-
-@dataclass
-class _Rows:
-    """Every (request, template) prompt, right-padded, with the subject's last position."""
-
-    ids: list[list[int]]
-    subject_pos: list[int]
-    owner: torch.Tensor  # [rows] request index of each row
-    bare: torch.Tensor  # [B] the row of each request's bare prompt (template "{}")
-    n_requests: int
-
-    @classmethod
-    def build(cls, handle: ModelHandle, requests: list[EditRequest], templates: list[str]):
-        ids, pos, owner, bare = [], [], [], []
-        for i, request in enumerate(requests):
-            for template in templates:
-                enc = encode(
-                    handle.tokenizer, template.replace("{}", request.prompt), request.subject
-                )
-                if template == "{}":
-                    bare.append(len(ids))
-                ids.append(enc.ids)
-                pos.append(enc.subject_last)
-                owner.append(i)
-        return cls(ids, pos, torch.tensor(owner), torch.tensor(bare), len(requests))
-
-    def average(self, per_row: torch.Tensor) -> torch.Tensor:
-        """Mean over each request's rows: [rows, d] → [B, d]."""
-        owner = self.owner.to(per_row.device)
-        sums = torch.zeros(self.n_requests, per_row.shape[1], dtype=per_row.dtype)
-        sums = sums.to(per_row.device).index_add_(0, owner, per_row)
-        counts = torch.bincount(owner, minlength=self.n_requests).to(per_row)
-        return sums / counts[:, None]
-
-
-@dataclass
-class _Trace:
-    keys: dict[int, torch.Tensor]  # layer → [rows, in] rewrite input at the subject position
-    values: dict[int, torch.Tensor]  # layer → [rows, out] rewrite output (updates included)
-    hidden: torch.Tensor  # [rows, d] residual stream after block ``stop`` at the subject
-
-
-@torch.no_grad()
-def _trace(
-    handle: ModelHandle,
-    rows: _Rows,
-    layers: list[int],
-    prior: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    stop: int,
-) -> _Trace:
-    """Forward every row up to block ``stop`` with ``prior`` updates added on the fly; record
-    the rewrite modules' inputs/outputs at ``layers`` and the residual after ``stop``."""
-    device = handle.device
-    blocks = handle.module(handle.adapter.blocks)
-    keys: dict[int, list[torch.Tensor]] = {j: [] for j in layers}
-    values: dict[int, list[torch.Tensor]] = {j: [] for j in layers}
-    hidden: list[torch.Tensor] = []
-    at: dict[str, torch.Tensor] = {}
-
-    def record(layer: int):
-        def hook(_module, args, output):
-            keys[layer].append(args[0][at["rows"], at["pos"]].float())
-            values[layer].append(output[at["rows"], at["pos"]].float())
-
-        return hook
-
-    def finish(_module, _args, output):
-        hidden.append(block_output(output)[at["rows"], at["pos"]].float())
-        raise StopForward
-
-    forward = [
-        (handle.rewrite_module(j), output_hook(left.to(device), right.to(device)))
-        for j, (left, right) in sorted(prior.items())
-    ]
-    forward += [(handle.rewrite_module(j), record(j)) for j in layers]
-    forward += [(blocks[stop], finish)]
-    pad = handle.tokenizer.pad_token_id
-    with thread_hooks(forward=forward):
-        for first in range(0, len(rows.ids), ROWS_PER_PASS):
-            chunk = rows.ids[first : first + ROWS_PER_PASS]
-            at["rows"] = torch.arange(len(chunk), device=device)
-            at["pos"] = torch.tensor(rows.subject_pos[first : first + ROWS_PER_PASS], device=device)
-            run_until_stop(handle.model, input_ids=pad_batch(chunk, pad, device), use_cache=False)
-    return _Trace(
-        {j: torch.cat(keys[j]) for j in layers},
-        {j: torch.cat(values[j]) for j in layers},
-        torch.cat(hidden),
-    )

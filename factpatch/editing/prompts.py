@@ -83,3 +83,18 @@ def pad_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
     for row, seq in enumerate(sequences):
         batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return batch.to(device)
+
+
+def left_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to [B, T] ids and their attention mask (1 on real tokens), each row
+    right-aligned so that every row's next token is predicted at the last column: what batched
+    generation needs.  Pass position ids counted over real tokens (mask.cumsum − 1)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)

@@ -10,6 +10,10 @@ MAX_SUBJECT_CHARS = 200
 MAX_TARGET_CHARS = 200
 
 
+class DegenerateEditError(RuntimeError):
+    """The computed update is unsafe to apply (it would break the model); nothing was changed."""
+
+
 class InvalidEditError(ValueError):
     """A request field is malformed; ``field`` names it."""
 

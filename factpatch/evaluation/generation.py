@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from factpatch.editing.prompts import continuation, pad_batch
+from factpatch.editing.prompts import continuation, left_pad, pad_batch
 from factpatch.runtime.batcher import cache_arg
 
 GENERIC_PROMPTS: tuple[str, ...] = (
@@ -161,17 +161,6 @@ def _pad_id(tokenizer: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids and attention mask, each row right-aligned."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position of each column counted over real tokens only (pads get 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -217,8 +206,8 @@ def generate(
         raise ValueError("top_k: one value, or one per prompt with a single k > 0")
     dev = _device(model, device)
     eos = tokenizer.eos_token_id
-    ids, mask = _left_pad([list(tokenizer(p)["input_ids"]) for p in prompts], _pad_id(tokenizer))
-    ids, mask = ids.to(dev), mask.to(dev)
+    rows = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    ids, mask = left_pad(rows, _pad_id(tokenizer), dev)
     gen = torch.Generator().manual_seed(seed)
     key, cache = cache_arg(model), None
     inputs, positions = ids, _positions(mask)

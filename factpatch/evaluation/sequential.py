@@ -76,7 +76,7 @@ PAIR_KEYS = ("rewrite_new", "rewrite_true", "para_new", "para_true", "nb_new", "
 
 
 @torch.no_grad()
-def _final_hidden(handle: ModelHandle, ids: torch.Tensor) -> torch.Tensor:
+def final_hidden(handle: ModelHandle, ids: torch.Tensor) -> torch.Tensor:
     """The final norm's output [B, T, d]: the whole model except the LM head."""
     out: dict[str, torch.Tensor] = {}
 
@@ -100,7 +100,7 @@ def score_pairs(
     tok, device = handle.tokenizer, handle.device
     for first in range(0, len(pairs), rows_per_pass):
         encoded = [continuation(tok, p, t) for p, t in pairs[first : first + rows_per_pass]]
-        hidden = _final_hidden(handle, pad_batch([e[0] for e in encoded], tok.pad_token_id, device))
+        hidden = final_hidden(handle, pad_batch([e[0] for e in encoded], tok.pad_token_id, device))
         rows, pos, targets, owner = [], [], [], []
         for row, (seq, n_prompt) in enumerate(encoded):
             for j in range(n_prompt, len(seq)):
@@ -206,7 +206,7 @@ def perplexity(handle: ModelHandle, texts: list[str], max_len: int = 128) -> flo
             tok(t, truncation=True, max_length=max_len)["input_ids"]
             for t in texts[first : first + 4]
         ]
-        hidden = _final_hidden(handle, pad_batch(rows, tok.pad_token_id, device))
+        hidden = final_hidden(handle, pad_batch(rows, tok.pad_token_id, device))
         for row, seq in enumerate(rows):
             logits = handle.head_logits(hidden[row, : len(seq) - 1])
             target = torch.tensor(seq[1:], device=device)

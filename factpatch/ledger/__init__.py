@@ -1,4 +1,4 @@
-"""The versioned ledger (Redis) and its portable snapshots."""
+"""The versioned ledger (Redis), the one writer of new versions, and portable snapshots."""
 
 from factpatch.ledger.ledger import (
     CAUSES,

@@ -1,8 +1,9 @@
 """``factpatch ledger …``: read, export/import, roll back and revert the ledger directly.
 
-Reads and snapshots need only Redis.  ``rollback`` and ``revert`` create versions, whose tensor
-hashes are computed on the model, so they load it (``--model``); a running service does the same
-through its LedgerService.
+Reads, snapshots and ``rollback`` need only Redis (a rollback's tensor hashes are the target
+version's and the base's, kept in the ledger).  ``revert`` makes a new list of edits, whose
+tensor hashes are computed on the model, so it loads it (``--model``).  Both write through
+:class:`factpatch.ledger.writer.LedgerWriter`, as a running service's LedgerService does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from typing import Any
 
 from factpatch.ledger import Ledger, Version, snapshot
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models.options import model_args
 from factpatch.store import open_redis
 
@@ -86,15 +88,18 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, ledger: Ledger) -> int:
-    from factpatch.models import load_model
-    from factpatch.runtime import Replica
-
-    replica = Replica(load_model(args.model, device=args.device, dtype=args.dtype), ledger).start()
+    """A rollback needs only the ledger; a revert materialises a new edit list, so it loads
+    the model."""
     if args.action == "rollback":
-        version = replica.rollback(args.to, actor=args.actor).version
+        version = LedgerWriter(ledger).rollback(args.to, actor=args.actor).version
         tainted: list[str] = []
     else:
-        commit, tainted = replica.revert(args.edit_id, actor=args.actor)
+        from factpatch.models import load_model
+        from factpatch.runtime import Replica
+
+        handle = load_model(args.model, device=args.device, dtype=args.dtype)
+        writer = LedgerWriter(ledger, Replica(handle, ledger).start())
+        commit, tainted = writer.revert(args.edit_id, actor=args.actor)
         version = commit.version
     text = _line(version) + "".join(
         f"\n  note: {e[:16]} was computed on a model containing the reverted edit" for e in tainted
@@ -127,7 +132,7 @@ def add_ledger_parser(sub: Any) -> None:
     revert.add_argument("edit_id")
     for p in (show, diff, export, lora, imp, rollback, revert):
         _store_args(p)
+    model_args(revert)  # a rollback needs no model
     for p in (rollback, revert):
-        model_args(p)
         p.add_argument("--actor", default="cli", help="recorded as who asked")
     ledger.set_defaults(func=cmd_ledger)

@@ -12,6 +12,7 @@ Redis layout (one hash tag per ledger, so a Redis Cluster keeps a ledger in one 
     factpatch:{NAME}:edits     hash     edit id -> EditRecord JSON
     factpatch:{NAME}:blobs     hash     edit id -> Delta safetensors bytes
     factpatch:{NAME}:idem      hash     idempotency key -> version number
+    factpatch:{NAME}:base      hash     module path -> sha256 of its base (unedited) tensor
     factpatch:{NAME}:events    channel  publishes each new head number
 
 A commit is one Lua script: check the idempotency key, check the head equals the writer's
@@ -156,6 +157,7 @@ class Ledger:
         self.k_edits = f"{prefix}:edits"
         self.k_blobs = f"{prefix}:blobs"
         self.k_idem = f"{prefix}:idem"
+        self.k_base = f"{prefix}:base"
         self.channel = f"{prefix}:events"
         self._commit = client.register_script(_COMMIT)
         self._init = client.register_script(_INIT)
@@ -219,6 +221,20 @@ class Ledger:
         if delta.digest() != edit_id:
             raise CorruptBlobError(f"delta {edit_id[:16]}: content does not match its id")
         return delta
+
+    def base_hashes(self) -> dict[str, str]:
+        """sha256 of each edited module's base tensor, recorded by the commits that first
+        touched it (:class:`factpatch.ledger.writer.LedgerWriter`): what a rollback needs to
+        hash a module that returns to base, without the model."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.k_base).items()}
+
+    def record_base_hashes(self, hashes: dict[str, str]) -> None:
+        """Keep the base tensors' hashes of these modules (first writer wins; they never
+        change for a ledger, whose version 0 names the base weights)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for path, digest in sorted(hashes.items()):
+            pipe.hsetnx(self.k_base, path, digest)
+        pipe.execute()
 
     def diff(self, a: int, b: int) -> dict[str, Any]:
         """What changes from version ``a`` to version ``b``."""

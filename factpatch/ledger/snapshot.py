@@ -60,6 +60,7 @@ def export(ledger: Ledger, folder: str | Path) -> dict[str, Any]:
             "versions": [json.loads(v.to_json()) for v in versions],
             "edits": edits,
             "idempotency": idem,
+            "base_hashes": ledger.base_hashes(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         tmp.rename(folder)
@@ -140,6 +141,8 @@ def import_(ledger: Ledger, folder: str | Path) -> int:
             pipe.hset(ledger.k_versions, v["number"], Version.from_json(json.dumps(v)).to_json())
         for key, number in manifest["idempotency"].items():
             pipe.hset(ledger.k_idem, key, number)
+        for path, digest in manifest.get("base_hashes", {}).items():
+            pipe.hsetnx(ledger.k_base, path, digest)
         pipe.set(ledger.k_head, manifest["head"])
         pipe.publish(ledger.channel, manifest["head"])
         pipe.execute()

@@ -96,7 +96,7 @@ class Job:
 
     @classmethod
     def from_hash(cls, raw: dict[Any, Any]) -> Job:
-        h = {_text(k): _text(v) for k, v in raw.items()}
+        h = {as_text(k): as_text(v) for k, v in raw.items()}
         return cls(
             id=h["id"],
             kind=h["kind"],
@@ -115,5 +115,5 @@ class Job:
         )
 
 
-def _text(value: str | bytes) -> str:
+def as_text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value

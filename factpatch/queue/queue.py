@@ -42,7 +42,7 @@ from typing import Any
 
 import redis
 
-from factpatch.queue.job import KINDS, Job, LeaseLostError, UnknownJobError, _text
+from factpatch.queue.job import KINDS, Job, LeaseLostError, UnknownJobError, as_text
 from factpatch.queue.states import JobState, lua_transition_table
 
 log = logging.getLogger(__name__)
@@ -332,8 +332,8 @@ class JobQueue:
             ],
             args=[idempotency_key, job.id, repr(now), self.channel, *fields],
         )
-        if _text(status) == "dup":
-            existing = self.get(_text(value))
+        if as_text(status) == "dup":
+            existing = self.get(as_text(value))
             if existing.kind != kind:
                 raise ValueError(
                     f"idempotency_key: {idempotency_key!r} was used for {existing.kind} job "
@@ -378,7 +378,7 @@ class JobQueue:
             offset += len(ids)
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(self.job_key(_text(job_id)))
+                pipe.hgetall(self.job_key(as_text(job_id)))
             for raw in pipe.execute():
                 if not raw:
                     continue
@@ -398,7 +398,7 @@ class JobQueue:
             keys=[self.job_key(job_id), self.stream_key(job.kind), self.active_key(job.kind)],
             args=[repr(time.time()), self.channel, job_id, GROUP],
         )
-        if _text(status) == "unknown":
+        if as_text(status) == "unknown":
             raise UnknownJobError(job_id)
         return Job.from_hash(_pairs(rest[0]))
 
@@ -433,7 +433,7 @@ class JobQueue:
                 announced = (
                     message is not None
                     and message["type"] == "message"
-                    and _text(message["data"]) == job_id
+                    and as_text(message["data"]) == job_id
                 )
                 if not announced and time.monotonic() < next_read:
                     continue
@@ -528,10 +528,10 @@ class JobQueue:
             raise ValueError(f"limit: {limit!r} must be an integer >= 1")
         out = []
         for entry, raw in self.redis.xrevrange(self.k_dead, "+", "-", count=limit):
-            fields = {_text(k): _text(v) for k, v in raw.items()}
+            fields = {as_text(k): as_text(v) for k, v in raw.items()}
             out.append(
                 {
-                    "id": _text(entry),
+                    "id": as_text(entry),
                     "job_id": fields.get("job", ""),
                     "kind": fields.get("kind", ""),
                     "reason": fields.get("reason", ""),
@@ -576,9 +576,9 @@ class JobQueue:
         )
         leases: list[Lease] = []
         for stream, entries in reply or []:
-            kind = kind_of[_text(stream)]
+            kind = kind_of[as_text(stream)]
             for entry, fields in entries:
-                entry = _text(entry)
+                entry = as_text(entry)
                 job_id = _entry_job(fields)
                 if len(leases) >= need:  # several streams answered one blocking read
                     self._release(
@@ -600,7 +600,7 @@ class JobQueue:
             return []
         leases: list[Lease] = []
         for row in summary["consumers"] or []:
-            owner = _text(row["name"])
+            owner = as_text(row["name"])
             if owner == consumer or self.redis.exists(self.heartbeat_key(owner)):
                 continue
             pending = self.redis.xpending_range(
@@ -637,10 +637,12 @@ class JobQueue:
         for item, job_id, state in zip(items, job_ids, pipe.execute(), strict=True):
             if len(leases) >= need:
                 break
-            if state is not None and _text(state) == JobState.RUNNING.value:
+            if state is not None and as_text(state) == JobState.RUNNING.value:
                 continue
-            owner = _text(item["consumer"])
-            lease = self._start(kind, _text(item["message_id"]), job_id, consumer, "orphan", owner)
+            owner = as_text(item["consumer"])
+            lease = self._start(
+                kind, as_text(item["message_id"]), job_id, consumer, "orphan", owner
+            )
             if lease is not None:
                 leases.append(lease)
         return leases
@@ -648,7 +650,7 @@ class JobQueue:
     def _start_pending(
         self, kind: str, entry: str | bytes, consumer: str, mode: str, owner: str
     ) -> Lease | None:
-        entry = _text(entry)
+        entry = as_text(entry)
         found = self.redis.xrange(self.stream_key(kind), entry, entry)
         if not found:  # acknowledged meanwhile, or deleted while pending: nothing to run
             self.redis.xack(self.stream_key(kind), GROUP, entry)
@@ -681,15 +683,15 @@ class JobQueue:
                 self.dead_letter_max,
             ],
         )
-        status = _text(status)
+        status = as_text(status)
         if status == "ok":
             if mode != "new":
                 log.info("job %s: reclaimed by %s from %s (%s)", job_id, consumer, owner, mode)
             return Lease(self, Job.from_hash(_pairs(rest[0])), consumer, entry)
         if status == "dead":
-            log.warning("job %s dead-lettered: %s", job_id, _text(rest[0]))
+            log.warning("job %s dead-lettered: %s", job_id, as_text(rest[0]))
         elif status == "conflict":
-            log.error("job %s: entry %s delivered in state %s", job_id, entry, _text(rest[0]))
+            log.error("job %s: entry %s delivered in state %s", job_id, entry, as_text(rest[0]))
         return None
 
 
@@ -723,19 +725,19 @@ class Lease:
             keys=[self.queue.job_key(self.job.id)],
             args=[*self._fence(), text, repr(time.time()), self.queue.channel, self.job.id],
         )
-        if _text(status) != "ok":
-            raise LeaseLostError(self.job.id, self.consumer, _text(rest[0]))
+        if as_text(status) != "ok":
+            raise LeaseLostError(self.job.id, self.consumer, as_text(rest[0]))
 
     def cancel_requested(self) -> bool:
         value = self.queue.redis.hget(self.queue.job_key(self.job.id), "cancel_requested")
-        return value is not None and _text(value) == "1"
+        return value is not None and as_text(value) == "1"
 
     def held(self) -> bool:
         """Whether the job is still this lease's (not reclaimed, not finished)."""
         f = self.queue.redis.hmget(
             self.queue.job_key(self.job.id), ["state", "entry", "worker", "attempts"]
         )
-        return [None if v is None else _text(v) for v in f] == [
+        return [None if v is None else as_text(v) for v in f] == [
             JobState.RUNNING.value,
             *self._fence(),
         ]
@@ -786,8 +788,8 @@ class Lease:
                 q.dead_letter_max,
             ],
         )
-        if _text(status) != "ok":
-            raise LeaseLostError(self.job.id, self.consumer, _text(rest[0]))
+        if as_text(status) != "ok":
+            raise LeaseLostError(self.job.id, self.consumer, as_text(rest[0]))
         self.job = Job.from_hash(_pairs(rest[0]))
         return self.job
 
@@ -812,9 +814,9 @@ def _json(value: dict[str, Any], name: str) -> str:
 def _entry_job(fields: dict[Any, Any] | None) -> str:
     """The job id of a stream entry's fields."""
     fields = fields or {}
-    return _text(fields.get(b"job", fields.get("job", "")))
+    return as_text(fields.get(b"job", fields.get("job", "")))
 
 
 def _pairs(flat: list[Any]) -> dict[str, str]:
     it = iter(flat)
-    return {_text(k): _text(v) for k, v in zip(it, it, strict=False)}
+    return {as_text(k): as_text(v) for k, v in zip(it, it, strict=False)}

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from factpatch.editing.prompts import left_pad
 from factpatch.models.hooks import thread_hooks
 from factpatch.runtime.replica import Replica
 from factpatch.runtime.sampling import Sampling, choose
@@ -270,11 +271,7 @@ class Batcher:
         if not seqs:
             return []
         device = self.replica.handle.device
-        width = max(len(s.ids) for s in seqs)
-        ids = torch.tensor([[0] * (width - len(s.ids)) + s.ids for s in seqs], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(s.ids)) + [1] * len(s.ids) for s in seqs], device=device
-        )
+        ids, mask = left_pad([s.ids for s in seqs], 0, device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # [rows, width]
         with self._versions(live, seqs):
             out = self.replica.handle.model(

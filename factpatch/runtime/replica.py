@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -43,14 +43,11 @@ import torch
 from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.delta import Delta, load_weights, materialize
 from factpatch.editing.gate import KeyGate, whitener
-from factpatch.ledger import Commit, Ledger, LedgerError, LedgerMismatchError, StaleHeadError
+from factpatch.ledger import Ledger, LedgerError, LedgerMismatchError
 from factpatch.models.loading import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime.rwlock import RWLock
 
 log = logging.getLogger(__name__)
-
-#: How often a commit on a moving head is retried (re-read head, recompute hashes) before giving up.
-COMMIT_ATTEMPTS = 5
 
 
 class _GateSlot:
@@ -88,6 +85,9 @@ class Replica:
         self.on_apply: list[Callable[[int, float, float], None]] = []
         self.on_fault: list[Callable[[str], None]] = []  # a version refused, and why
         self._deltas: dict[str, Delta] = {}
+        # The tensors hashes_for materialised last, kept for the apply that follows a commit:
+        # (edit ids, paths) -> tensors.  One materialisation per commit.
+        self._materialised: tuple[tuple[tuple[str, ...], frozenset[str]], dict] | None = None
         self._apply_mutex = threading.Lock()
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
@@ -131,19 +131,30 @@ class Replica:
             self._deltas[edit_id] = self.ledger.delta(edit_id)  # verified against its id
         return self._deltas[edit_id]
 
-    def weights_for(self, edits: list[str] | tuple[str, ...], paths: set[str]) -> dict:
+    def weights_for(self, edits: Sequence[str], paths: set[str]) -> dict:
         """Materialised tensors of ``paths`` ∪ every module the edits touch."""
+        return self._materialise(edits, paths)[1]
+
+    def hashes_for(self, edits: Sequence[str], paths: set[str]) -> dict[str, str]:
+        """sha256 of each materialised tensor (what a commit records); the tensors are kept
+        until the next apply, which then copies them instead of materialising again."""
+        with self._apply_mutex:  # self.base grows only under this mutex
+            self._materialised = self._materialise(edits, paths)
+            return {p: tensor_sha256(w) for p, w in self._materialised[1].items()}
+
+    def _materialise(
+        self, edits: Sequence[str], paths: set[str]
+    ) -> tuple[tuple[tuple[str, ...], frozenset[str]], dict]:
         deltas = [self.delta(e) for e in edits]
         paths = set(paths) | {p for d in deltas for p in d.factors} | set(self.base)
+        key = (tuple(edits), frozenset(paths))
+        if self._materialised is not None and self._materialised[0] == key:
+            return self._materialised  # hashed for a commit a moment ago
         for path in sorted(paths - set(self.base)):
             # Never written before (a module enters self.base before its first write), so the
             # live tensor is still the base tensor.
             self.base[path] = self.handle.module(path).weight.detach().clone()
-        return materialize(self.handle, {p: self.base[p] for p in paths}, deltas)
-
-    def hashes_for(self, edits: list[str] | tuple[str, ...], paths: set[str]) -> dict[str, str]:
-        with self._apply_mutex:  # self.base grows only under this mutex
-            return {p: tensor_sha256(w) for p, w in self.weights_for(edits, paths).items()}
+        return key, materialize(self.handle, {p: self.base[p] for p in paths}, deltas)
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -155,6 +166,8 @@ class Replica:
                 weights = self.weights_for(record.edits, set(record.hashes))
             except LedgerError as err:
                 return self._refuse(number, str(err))
+            finally:
+                self._materialised = None
             bad = [p for p, h in record.hashes.items() if tensor_sha256(weights[p]) != h]
             if bad:
                 return self._refuse(number, f"materialised weights do not match hashes of {bad}")
@@ -269,88 +282,3 @@ class Replica:
                 self._stop.wait(poll_interval)
         if pubsub is not None:
             pubsub.close()
-
-    # -- new versions ------------------------------------------------------------------------
-
-    def commit(
-        self,
-        edits_on: Callable[[tuple[str, ...]], list[str]],
-        cause: dict[str, Any],
-        actor: str = "local",
-        idempotency_key: str = "",
-    ) -> Commit:
-        """Commit ``edits_on(head's active edits)`` as the next version, with its hashes.
-
-        On a stale head (another writer won) the replica catches up and tries again: the new
-        list is recomputed from the new head, never merged.
-        """
-        for _ in range(COMMIT_ATTEMPTS):
-            self.catch_up()
-            head = self.ledger.get(self.version)
-            edits = edits_on(head.edits)
-            hashes = self.hashes_for(edits, set(head.hashes))
-            try:
-                result = self.ledger.commit(
-                    head.number, edits, cause, hashes, actor, idempotency_key
-                )
-            except StaleHeadError:
-                continue
-            self.catch_up()
-            return result
-        raise StaleHeadError(self.version, self.ledger.head())
-
-    def rollback(self, to: int, actor: str = "local") -> Commit:
-        """A new version whose active edits equal version ``to``'s."""
-        target = self.ledger.get(to)
-        return self.commit(lambda _: list(target.edits), {"kind": "rollback", "to": to}, actor)
-
-    def revert(self, edit_id: str, actor: str = "local") -> tuple[Commit, list[str]]:
-        """A new version without ``edit_id``; also returns the later active edits that were
-        computed on a model containing it (they may deserve recomputing)."""
-        self.ledger.edit(edit_id)  # UnknownEditError names the field
-
-        def without(active: tuple[str, ...]) -> list[str]:
-            if edit_id not in active:
-                raise ValueError(f"edit_id: {edit_id[:16]} is not active at the head")
-            return [e for e in active if e != edit_id]
-
-        result = self.commit(without, {"kind": "revert", "edit": edit_id}, actor)
-        return result, self.ledger.tainted_by(edit_id, list(result.version.edits))
-
-    def add_edits(
-        self,
-        deltas: list[Delta],
-        requests: list[list[dict[str, Any]]],
-        computed_on: int,
-        method: str = "rome",
-        actor: str = "local",
-        idempotency_key: str = "",
-        parent: int | None = None,
-    ) -> Commit:
-        """Store deltas and commit ``parent`` + them as one version (``cause.kind == "edit"``).
-
-        The caller computed the deltas on version ``computed_on`` (recorded with each edit) and
-        commits them on ``parent`` (default: the same version).  If the head is not ``parent``,
-        StaleHeadError is raised: the caller recomputes, or commits again on the new head.
-        """
-        parent = computed_on if parent is None else parent
-        for delta in deltas:  # the last line of defence before a version exists
-            for path, factors in delta.factors.items():
-                if not all(bool(torch.isfinite(f).all()) for f in factors):
-                    raise ValueError(f"deltas: non-finite factors for {path}; not committed")
-        ids = [
-            self.ledger.put_edit(d, r, computed_on, method, actor).id
-            for d, r in zip(deltas, requests, strict=True)
-        ]
-        head = self.ledger.get(parent)
-        hashes = self.hashes_for(list(head.edits) + ids, set(head.hashes))
-        result = self.ledger.commit(
-            parent,
-            list(head.edits) + ids,
-            {"kind": "edit", "edits": ids, "method": method},
-            hashes,
-            actor,
-            idempotency_key,
-        )
-        self.catch_up()
-        return result

@@ -24,6 +24,7 @@ from factpatch.config import Settings
 from factpatch.editing import EditRequest, InvalidEditError, check_method
 from factpatch.editing.prompts import encode
 from factpatch.ledger import Ledger, Version
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models.loading import tensor_sha256
 from factpatch.queue import Job, JobQueue, JobState
 from factpatch.rpc import oip, oip_grpc, pb, pb_grpc
@@ -50,6 +51,11 @@ class Frontend:
             reason = self.replica.fault or "loading or catching up"
             raise Unavailable(f"replica not ready: {reason}")
         return self.replica
+
+    def writer(self) -> LedgerWriter:
+        """Rollbacks and reverts go through the ledger's writer, with this server's replica
+        materialising (reverts) and catching up at once."""
+        return LedgerWriter(self.ledger, self.serving())
 
     def actor(self, context: grpc.ServicerContext) -> str:
         """Who asked: the authenticated token's name (``anonymous`` without auth)."""
@@ -270,7 +276,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     @rpc
     def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.LedgerChange:
         self.fe.ledger.get(request.to)  # NOT_FOUND before anything happens
-        commit = self.fe.serving().rollback(request.to, actor=self.fe.actor(context))
+        commit = self.fe.writer().rollback(request.to, actor=self.fe.actor(context))
         metrics.ROLLBACKS.inc()
         return pb.LedgerChange(version=version_message(commit.version))
 
@@ -278,7 +284,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     def RevertEdit(self, request: pb.RevertEditRequest, context: Any) -> pb.LedgerChange:
         if not request.edit_id:
             raise ValueError("edit_id: must be non-empty")
-        commit, tainted = self.fe.serving().revert(request.edit_id, actor=self.fe.actor(context))
+        commit, tainted = self.fe.writer().revert(request.edit_id, actor=self.fe.actor(context))
         return pb.LedgerChange(version=version_message(commit.version), tainted=tainted)
 
     @rpc

@@ -14,7 +14,7 @@ that sublayer's output at token t in a window of ``window`` consecutive layers a
 [l − ⌊window/2⌋, l + ⌈window/2⌉) clipped at the ends, as in the paper's reference code.
 
 How the restorations are computed (every step is exact; the tests compare the result with
-:func:`factpatch.tracing.reference.trace_reference`, one plain forward per restoration):
+``tests/reference_trace.py``, one plain forward per restoration):
 
 - batched: one batch holds ``samples`` rows (one per noise draw, the same draws for every site)
   for each of many (token, layer) sites of any kinds at one token t;
@@ -471,7 +471,7 @@ def restore(setup: _Setup, sites: Sequence[Site], batch_tokens: int) -> torch.Te
 # Entry points
 
 
-def _check(kinds: Sequence[str], samples: int, window: int) -> None:
+def check_options(kinds: Sequence[str], samples: int, window: int) -> None:
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"kind: unknown {kind!r}; choose one of {', '.join(KINDS)}")
@@ -527,7 +527,7 @@ def trace_kinds(
 ) -> dict[str, TraceResult]:
     """:func:`trace` for several kinds at once, sharing the clean, corrupted and prefix runs."""
     kinds = list(dict.fromkeys(kinds))
-    _check(kinds, samples, window)
+    check_options(kinds, samples, window)
     began = time.perf_counter()
     setup, encoded, clean, noise_info = prepare(
         handle, prompt, subject, answer, kinds, samples, noise, seed

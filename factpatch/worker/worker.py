@@ -1,26 +1,7 @@
 """The worker loop: take a job, compute, make the result durable, then acknowledge.
 
-Edit job (``payload = {"edits": [EditRequest dicts], "method": "rome" | "memit" | "alphaedit",
-"dry_run": bool}``):
-
-1. If the ledger already holds a version for this job (key ``job.commit_key``: a previous
-   attempt committed and then died before acknowledging), succeed with that version.
-2. Catch up to the head and hold the replica's read side (the weights cannot change under the
-   computation); compute one delta for all the job's edits (factpatch/editing/methods.py: ROME
-   applied sequentially on the fly, or one MEMIT/AlphaEdit batch; rank ≤ number of edits per
-   module).  AlphaEdit's memory of earlier edits is rebuilt from the keys carried by the
-   deltas active at that version.
-3. Commit ``head + delta`` as one version with the ledger's compare-and-set, idempotency key
-   ``job.commit_key``.  A stale head (another worker committed first): if only edit versions
-   (at most ``rebase_limit``) came in between, commit the same delta on the new head (recorded
-   as computed on the old one); otherwise recompute on the new head.  After ``STALE_RETRIES``
-   recomputations the job fails and the queue retries it.
-4. ``lease.succeed({"version": n, ...})`` stores the result, then acknowledges.
-
-Batching policy: one job is one version.  A job may carry several edits, computed together
-(``rome``: exactly, as sequential ROME steps; ``memit``/``alphaedit``: one batch solve, the
-method meant for large batches); separate jobs are not merged, so each client's request maps to
-exactly one version it can roll back.
+Edit job: factpatch/worker/edit.py (the edit transaction: compute on a pinned version, commit
+through the ledger's writer, rebase or recompute on a stale head).
 
 Trace job (``payload = {"prompt", "subject", "answer", "kind", "samples", "window", "noise",
 "render_png"}``): runs on the replica pinned to the current version (read side held), result
@@ -34,24 +15,24 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
 
 from factpatch import metrics
-from factpatch.editing import DegenerateEditError, Delta, EditRequest, check_method, compute_delta
-from factpatch.ledger import Ledger, StaleHeadError
+from factpatch.editing import DegenerateEditError
+from factpatch.ledger import Ledger
+from factpatch.ledger.writer import LedgerWriter
 from factpatch.models.loading import ModelHandle
 from factpatch.queue import JobQueue, Lease, LeaseLostError, new_consumer_name
 from factpatch.runtime import Replica
+from factpatch.worker.edit import run_edit
 
 log = logging.getLogger(__name__)
-
-STALE_RETRIES = 3
 
 
 class Worker:
@@ -67,6 +48,7 @@ class Worker:
         rebase_limit: int = 8,
     ) -> None:
         self.replica = Replica(handle, ledger)
+        self.writer = LedgerWriter(ledger, self.replica)
         metrics.watch_replica(self.replica)
         self.ledger, self.queue = ledger, queue
         self.name = name or new_consumer_name()  # unique per process: a restart is a new name
@@ -78,7 +60,7 @@ class Worker:
         self.rebase_limit = rebase_limit
         # One handler per job kind: lease in, result out (None: cancelled).
         self.handlers: dict[str, Callable[[Lease], dict[str, Any] | None]] = {
-            "edit": self._edit,
+            "edit": partial(run_edit, self),
             "trace": self._trace,
         }
 
@@ -153,87 +135,6 @@ class Worker:
         self.jobs_done += 1
         return "succeeded"
 
-    # -- edits -------------------------------------------------------------------------------
-
-    def _edit(self, lease: Lease) -> dict[str, Any] | None:
-        job = lease.job
-        done = self.ledger.committed(job.commit_key)
-        if done is not None:  # committed by an earlier attempt that died before acknowledging
-            version = self.ledger.get(done)
-            return {"version": done, "edit_ids": list(version.cause.get("edits", []))}
-        requests = [EditRequest(**r) for r in job.payload["edits"]]
-        method = check_method(job.payload.get("method") or "rome")
-        for _ in range(STALE_RETRIES):
-            self.replica.catch_up()
-            lease.progress({"phase": "computing", "fraction": 0.1})
-            with self.replica.lock.read():  # pin the weights for the whole computation
-                computed_on = self.replica.version
-                active = [self.replica.delta(e) for e in self.ledger.get(computed_on).edits]
-                delta = compute_delta(
-                    self.replica.handle,
-                    requests,
-                    method,
-                    overrides=self.hparams,
-                    active=active,
-                    base_version=computed_on,
-                )
-            _observe_phases(delta)
-            if lease.cancel_requested():
-                return None
-            stats = delta.provenance.get("stats", [])
-            summary = {
-                "computed_on": computed_on,
-                "update_ratio": [s.get("update_ratio") for s in stats],
-                "steps": [s.get("steps") for s in stats],
-            }
-            if job.payload.get("dry_run"):
-                return {"dry_run": True, "edit_id": delta.digest(), **summary}
-            lease.progress({"phase": "committing", "fraction": 0.9})
-            parent = computed_on
-            while True:
-                try:
-                    with metrics.timed(metrics.EDIT_PHASE.labels("commit")):
-                        commit = self.replica.add_edits(
-                            [delta],
-                            [[r.to_dict() for r in requests]],
-                            computed_on,
-                            method=method,
-                            actor=job.actor or "anonymous",
-                            idempotency_key=job.commit_key,
-                            parent=parent,
-                        )
-                    _crash_point("after_commit")
-                    break
-                except StaleHeadError as stale:
-                    if not self._can_rebase(computed_on, stale.head):
-                        commit = None
-                        break
-                    log.info("job %s: rebasing from %d onto %d", job.id, parent, stale.head)
-                    parent = stale.head
-            if commit is None:
-                log.info("job %s: head moved past %d; recomputing", job.id, computed_on)
-                continue
-            summary["committed_on"] = commit.version.parent
-            return {
-                "version": commit.version.number,
-                "edit_ids": list(commit.version.cause["edits"]),
-                **summary,
-            }
-        raise StaleHeadError(computed_on, self.ledger.head())
-
-    def _can_rebase(self, computed_on: int, head: int) -> bool:
-        """Commit a delta computed on ``computed_on`` on top of ``head`` without recomputing?
-
-        Yes when only edit versions came in between (no rollback or revert changed what the
-        delta was computed against) and at most ``rebase_limit`` of them: rank-one edits of
-        other facts barely interact, and recomputing each time the head moves would serialise
-        M workers into one.  ``rebase_limit = 0``: always recompute on the new head.
-        """
-        if head - computed_on > self.rebase_limit:
-            return False
-        between = self.ledger.versions(computed_on + 1, head)
-        return all(v.cause.get("kind") == "edit" for v in between)
-
     # -- traces ------------------------------------------------------------------------------
 
     def _trace(self, lease: Lease) -> dict[str, Any]:
@@ -256,27 +157,6 @@ class Worker:
         if p.get("render_png"):
             out["png_b64"] = base64.b64encode(_render_png(result)).decode()
         return out
-
-
-def _observe_phases(delta: Delta) -> None:
-    """Per-phase seconds into the edit-phase histogram: ROME reports them per request, MEMIT
-    and AlphaEdit per batch."""
-    if delta.provenance.get("method") == "rome":
-        timings = [s.get("seconds", {}) for s in delta.provenance.get("stats", [])]
-    else:
-        timings = [delta.provenance.get("seconds", {})]
-    for seconds in timings:
-        for phase in ("keys", "optimise", "solve"):
-            if phase in seconds:
-                metrics.EDIT_PHASE.labels(phase).observe(seconds[phase])
-
-
-def _crash_point(name: str) -> None:
-    """Fault injection for the crash tests (tests/test_faults.py): with
-    ``FACTPATCH_CRASH_AT=<name>`` the process dies here as if killed (no cleanup, no ack)."""
-    if os.environ.get("FACTPATCH_CRASH_AT") == name:
-        log.error("FACTPATCH_CRASH_AT=%s: exiting now", name)
-        os._exit(137)
 
 
 def _render_png(result: Any) -> bytes:

@@ -11,9 +11,9 @@ adds the within-fact spread of the keys as one more preserved term: the update i
 answer the same whichever context precedes the subject, which is what a paraphrase needs.  The
 solve keeps MEMIT's form, Δ = R K̄ᵀ (λC + μ(K_pK_pᵀ + ω S_p) + K̄K̄ᵀ + ω S)⁻¹ (ω weighs the new
 term; ω 1 is the per-context least squares above), replayed over a recorded run with its
-targets (:func:`factpatch.evaluation.memit_replay.replay`).
+targets (:func:`research.memit_replay.replay`).
 
-    python bench/experiments/context_keys.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.context_keys results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 '[{"omega": 1}, {"omega": 3}]'
 
 One JSON line per grid point on stdout (a point may also set ``lam``, and ``spread_templates``,
@@ -29,21 +29,21 @@ from typing import Any
 import torch
 
 from factpatch.editing import base_weights
-from factpatch.editing.memit import _Rows, _trace
+from factpatch.editing.keys import Rows, trace
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for
-from factpatch.evaluation.memit_replay import open_run, run_covariance, scored_replay
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     run_paragraphs,
 )
 from factpatch.models.loading import load_model
+from research.memit_replay import open_run, run_covariance, scored_replay
 
 
 def within_spread(handle, layer: int, records: list[dict[str, Any]], templates: list[str]):
     """S [in, in] (float64): each fact's context keys' scatter about their mean, over T."""
-    rows = _Rows.build(handle, [request_for(r) for r in records], templates)
-    keys = _trace(handle, rows, [layer], {}, layer).keys[layer].double()  # [rows, in]
+    rows = Rows.build(handle, [request_for(r) for r in records], templates)
+    keys = trace(handle, rows, [layer], {}, layer).keys[layer].double()  # [rows, in]
     centred = keys - rows.average(keys)[rows.owner.to(keys.device)]
     return centred.T @ centred / len(templates)
 

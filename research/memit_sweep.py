@@ -1,14 +1,15 @@
 """Choose MEMIT / AlphaEdit settings on one batch of training records (never on validation).
 
-    python -m factpatch.evaluation.memit_sweep \\
+    python -m research.memit_sweep \\
         --data ../shared/data/counterfact/counterfact-train.json --offset 0 --n 20 \\
         --grid '{"layers": [[2,3,4], [1,2,3,4]], "mom2_update_weight": [5000, 15000]}' \\
-        --out bench/results/memit_sweep_train.jsonl
+        --out research/results/memit_sweep_train.jsonl
 
 Every grid point edits the same batch at once on the base model and measures ES/PS/NS on it
 (the single-batch setting of MEMIT's Fig. 5).  The target vectors zᵢ depend only on the last
-layer and the optimisation settings, so they are computed once per last layer and reused across
-the grid (memoised by request): only the spreading, the solves and the measurement are redone.
+layer and the optimisation settings, so they are computed once per last layer and passed to the
+solve at every grid point (:class:`Targets`): only the spreading, the solves and the
+measurement are redone.
 Also prints the eigenvalue spectrum of each layer's key covariance (AlphaEdit's null space).
 """
 
@@ -31,26 +32,39 @@ from factpatch.editing import (
     default_memit_hparams,
     load_weights,
 )
-from factpatch.editing import memit as memit_module
 from factpatch.editing.covariance import layer_covariances
+from factpatch.editing.hparams import MemitHParams
+from factpatch.editing.requests import EditRequest
+from factpatch.editing.targets import Target, optimise_target, upper_modules
+from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import load_records, request_for, summarise
 from factpatch.evaluation.sequential import measure_records
 from factpatch.models import load_model
+from factpatch.models.loading import ModelHandle
 from factpatch.models.options import model_args
 
 
-def _memoise_targets() -> None:
-    """Cache ROME's δ optimisation per (request, layer, settings) inside this process."""
-    original = memit_module._optimise
-    memo: dict[Any, Any] = {}
+class Targets:
+    """Each request's δ optimisation, kept per (request, last-layer settings) in this process
+    and passed to the solve: the grid points that share a last layer share their targets."""
 
-    def cached(handle, request, hp, templates, prior, upper=None):
-        key = (request, hp)
-        if prior is not None or key not in memo:
-            memo[key] = original(handle, request, hp, templates, prior, upper)
-        return memo[key]
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
+        self.memo: dict[Any, Target] = {}
 
-    memit_module._optimise = cached
+    def __call__(self, requests: list[EditRequest], hp: MemitHParams) -> list[Target]:
+        z_hp = hp.z_hparams()
+        missing = [r for r in requests if (r, z_hp) not in self.memo]
+        if missing:
+            templates = context_templates(
+                self.handle, [tuple(t) for t in hp.templates], hp.template_seed
+            )
+            upper = upper_modules(self.handle, z_hp.layer, z_hp.optimise_dtype)
+            for request in missing:
+                self.memo[(request, z_hp)] = optimise_target(
+                    self.handle, request, z_hp, templates, None, upper
+                )
+        return [self.memo[(r, z_hp)] for r in requests]
 
 
 def _points(grid: str) -> list[dict[str, Any]]:
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             quantiles = [float(eig.quantile(q)) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)]
             below = {t: int((eig < t).sum()) for t in (1e-3, 1e-2, 2e-2, 5e-2, 1e-1)}
             print(f"layer {j}: quantiles {[f'{q:.3g}' for q in quantiles]} below {below}")
-    _memoise_targets()
+    targets = Targets(handle)
     paths = [handle.adapter.rewrite_path(j) for j in all_layers]
     base = base_weights(handle, paths)
     unedited = summarise(measure_records(handle, records))
@@ -93,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         hp = default_memit_hparams(handle, **point)
         started = time.perf_counter()
         if method == "memit":
-            delta = compute_memit(handle, requests, hp)
+            delta = compute_memit(handle, requests, hp, targets=targets(requests, hp))
         else:
-            delta, _ = compute_alphaedit(handle, requests, hp)
+            delta, _ = compute_alphaedit(handle, requests, hp, targets=targets(requests, hp))
         seconds = time.perf_counter() - started
         apply_delta(handle, delta)
         result = summarise(measure_records(handle, records))

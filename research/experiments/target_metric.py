@@ -11,7 +11,7 @@ lr 0.5, ‖δ‖ ≤ clamp·‖v‖) takes sign-like steps that reach the clamp 
 steepest descent in M = G + ridge (direction −M⁻¹∇, Polyak's step towards NLL = stop / 2, at
 most lr·clamp·‖v‖_M long; ‖δ‖_M ≤ clamp·‖v‖_M), the same loss and stop otherwise.
 
-    python bench/experiments/target_metric.py ../shared/data/counterfact/counterfact-val.json \\
+    python -m research.experiments.target_metric ../shared/data/counterfact/counterfact-val.json \\
         5 '[0.15, 0.3]'
 
 One JSON line per record (‖δ‖, δᵀGδ, final NLL, steps; the reference and each lr) and a
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from factpatch.corpus import load_corpus
 from factpatch.editing.hparams import default_memit_hparams
+from factpatch.editing.keys import capture
 from factpatch.editing.prompts import pad_batch
-from factpatch.editing.rome import _build_batch, _capture, _optimise, _run_blocks
+from factpatch.editing.targets import build_loss_batch, optimise_target, run_blocks
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import load_records, request_for
 from factpatch.models.hooks import thread_hooks
@@ -70,10 +71,10 @@ def output_fisher(h, layer: int, n_tokens: int, max_len: int = 128) -> torch.Ten
 
 def natural_optimise(h, request, hp, templates, M: torch.Tensor, M_inv: torch.Tensor):
     """(δ, final NLL, steps): the reference loss, minimised by steepest descent in M."""
-    batch = _build_batch(h, request, templates)
+    batch = build_loss_batch(h, request, templates)
     rows = torch.arange(batch.ids.shape[0])
     blocks = h.module(h.adapter.blocks)
-    captured, io = _capture(h, batch.ids, hp.layer)
+    captured, io = capture(h, batch.ids, hp.layer)
     v = io["values"][0, batch.subject_pos[0]].float()
 
     def m_norm(x):
@@ -86,7 +87,7 @@ def natural_optimise(h, request, hp, templates, M: torch.Tensor, M_inv: torch.Te
     log_p_orig, nll_end, step = None, 0.0, 0
     with thread_hooks(forward=[(h.rewrite_module(hp.layer), lambda m, a, o: o + at * delta)]):
         for step in range(hp.steps + 1):
-            hidden = _run_blocks(blocks, captured, range(hp.layer, h.n_layers))
+            hidden = run_blocks(blocks, captured, range(hp.layer, h.n_layers))
             targets = hidden[batch.nll_rows, batch.nll_pos]
             picked = torch.cat([targets, hidden[batch.kl_rows, batch.kl_pos]])
             lp = F.log_softmax(h.logits(picked).float(), -1)
@@ -121,7 +122,7 @@ def main() -> None:
     ratios: dict[float, list[float]] = {lr: [] for lr in lrs}
     for record in load_records(data, n):
         request = request_for(record)
-        _, _, delta, stats = _optimise(h, request, reference, templates, None)
+        _, _, delta, stats = optimise_target(h, request, reference, templates, None)
         row = {"case": record["case_id"], "reference": {
             "norm": round(stats.delta_norm, 3), "gGg": round(float(delta @ G @ delta), 4),
             "nll": round(stats.nll_end, 4), "steps": stats.steps}}  # fmt: skip

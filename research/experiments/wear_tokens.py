@@ -5,7 +5,7 @@ deltas, materialised as the run does) on the 256 held-back paragraphs; how the r
 over tokens and paragraphs, and how much of it sits in paragraphs that name an edited subject
 (there a rise is the edit doing its job: the text states the old fact).
 
-    python bench/experiments/wear_tokens.py ../shared/data/counterfact/counterfact-val.json \\
+    python -m research.experiments.wear_tokens ../shared/data/counterfact/counterfact-val.json \\
         results/seq1000/memit results/seq1000/memit-clamp0.5 results/seq1000/rome
 
 One JSON line per run on stdout.  Results: docs/evaluation.md.
@@ -22,8 +22,8 @@ from factpatch.editing import base_weights, load_weights, materialize
 from factpatch.editing.prompts import pad_batch
 from factpatch.evaluation.counterfact import load_records
 from factpatch.evaluation.sequential import (
-    _final_hidden,
     checkpoint_deltas,
+    final_hidden,
     heldout_paragraphs,
 )
 from factpatch.models.loading import load_model
@@ -41,7 +41,7 @@ def predictions(handle, texts: list[str], max_len: int = 128) -> list[tuple]:
             tok(t, truncation=True, max_length=max_len)["input_ids"]
             for t in texts[first : first + 4]
         ]
-        hidden = _final_hidden(handle, pad_batch(rows, tok.pad_token_id, handle.device))
+        hidden = final_hidden(handle, pad_batch(rows, tok.pad_token_id, handle.device))
         for row, seq in enumerate(rows):
             logits = handle.head_logits(hidden[row, : len(seq) - 1]).float()
             target = torch.tensor(seq[1:], device=handle.device)

@@ -7,13 +7,13 @@ fourth — later subjects already get part of it from the earlier batches' updat
 all facts want, written at keys that all share a subject-name component, is what a linear update
 carries to every other name in text — where the perplexity rise sits (docs/evaluation.md, "Where
 the wear sits").  This replays a recorded sequential run
-(:func:`factpatch.evaluation.memit_replay.replay`, the run's targets) with that component of each
+(:func:`research.memit_replay.replay`, the run's targets) with that component of each
 batch's residuals shrunk:
 
     u = r̄ / ‖r̄‖  (r̄ the mean of the batch's residuals, or of the whole run's with "run")
     rᵢ ← rᵢ − α (uᵀrᵢ) u,    Δ_b = R' Kᵀ (λC + μ K_pK_pᵀ + K Kᵀ)⁻¹
 
-    python bench/experiments/common_residual.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.common_residual results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 '[{"alpha": 1.0}, {"alpha": 0.5}]'
 
 One JSON line per grid point on stdout (a point may also set ``lam``; ``direction`` "batch"
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from factpatch.editing import base_weights
-from factpatch.evaluation.memit_replay import open_run, run_covariance, scored_replay
 from factpatch.evaluation.sequential import heldout_paragraphs, run_paragraphs
 from factpatch.models.loading import load_model
+from research.memit_replay import open_run, run_covariance, scored_replay
 
 
 class CommonShrunk:

@@ -1,8 +1,8 @@
 """Plot sequential-editing curves (ES/PS/NS against the number of edits), one line per method.
 
-python -m factpatch.evaluation.plot bench/results/sequential_*.json --out docs/images/x.png
+python -m research.plot bench/results/sequential_*.json --out docs/images/x.png
 
-With ``--perplexity FILE`` (JSON lines of :mod:`factpatch.evaluation.remeasure`) the perplexity
+With ``--perplexity FILE`` (JSON lines of :mod:`research.remeasure`) the perplexity
 panel shows the re-measured values of the runs that file covers (matched by checkpoint folder).
 """
 
@@ -70,7 +70,7 @@ def _settings(report: dict) -> dict[str, Any]:
 
 def with_perplexity(report: dict, remeasured: dict) -> dict:
     """``report`` with its perplexities (unedited and along the curve) replaced by a
-    :func:`factpatch.evaluation.remeasure.remeasure_perplexity` result for the same run."""
+    :func:`research.remeasure.remeasure_perplexity` result for the same run."""
     by_edits = {p["n_edits"]: p["perplexity"] for p in remeasured["curve"]}
     curve = []
     for point in report["curve"]:

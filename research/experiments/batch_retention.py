@@ -4,10 +4,10 @@ For a checkpointed run (MEMIT or AlphaEdit, one delta per batch), each batch's f
 (ES / PS / NS over that batch's 100 records) on the model right after their own batch
 (base + deltas 0..b) and on the model after the run's last checkpointed batch.
 
-    python bench/experiments/batch_retention.py ../shared/data/counterfact/counterfact-val.json \\
-        results/seq1000/memit-layer4
+    python -m research.experiments.batch_retention \\
+        ../shared/data/counterfact/counterfact-val.json results/seq1000/memit-layer4
 
-Printed lines; results: docs/evaluation.md (bench/results/batch_retention_memit-layer4.txt).
+Printed lines; results: docs/evaluation.md (research/results/batch_retention_memit-layer4.txt).
 """
 
 import json

@@ -7,7 +7,8 @@ the target runs, tr(ΔW C ΔWᵀ) under C from 100k tokens (the default, what th
 1M tokens (paragraphs 0–9,776; the held-back 256 are never read) and from the held-back 256
 paragraphs themselves (26k tokens, the text the perplexity is measured on).
 
-    python bench/experiments/covariance_size.py results/seq1000/memit results/seq1000/memit-clamp0.5
+    python -m research.experiments.covariance_size \\
+        results/seq1000/memit results/seq1000/memit-clamp0.5
 
 One JSON line per run and batch on stdout.  Results: docs/evaluation.md.
 """
@@ -19,7 +20,7 @@ import time
 import torch
 
 from factpatch.corpus import Corpus, load_corpus
-from factpatch.editing.covariance import _accumulate, layer_covariances
+from factpatch.editing.covariance import accumulate, layer_covariances
 from factpatch.evaluation.sequential import checkpoint_deltas
 from factpatch.models.loading import load_model
 
@@ -35,7 +36,7 @@ def main(runs: list[str]) -> None:
     print(json.dumps({"seconds_1M": round(time.perf_counter() - t0, 1)}), flush=True)
     texts = load_corpus(None).texts
     held = Corpus("held-back", texts[len(texts) - HELD :])
-    covs["held"] = _accumulate(handle, [LAYER], held, 10**9, 256, 8)[LAYER].cov
+    covs["held"] = accumulate(handle, [LAYER], held, 10**9, 256, 8)[LAYER].cov
     for name, cov in covs.items():
         eig = torch.linalg.eigvalsh(cov)
         print(

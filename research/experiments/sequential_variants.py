@@ -4,7 +4,7 @@ rewrite output, each clamped to c_j·‖v_j‖), optionally ENCORE's most-probab
 (Gupta et al. 2025, arXiv 2502.01636), then MEMIT's solve per layer with the keys recomputed after
 the layers below.  Results: docs/evaluation.md, "How much text the perplexity needs".
 
-    python bench/experiments/sequential_variants.py \\
+    python -m research.experiments.sequential_variants \\
         '[{"layers": [2]}, {"layers": [1, 2, 3], "clamp": 0.33},
           {"layers": [2], "mpes": true, "z": {"lr": 0.1}}]' \\
         ../shared/data/counterfact/counterfact-train.json 3000 --unedited
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.hparams import default_memit_hparams
-from factpatch.editing.memit import _covariances, _Rows, _trace
-from factpatch.editing.rome import _build_batch, _capture, _run_blocks
+from factpatch.editing.keys import Rows, capture, trace
+from factpatch.editing.solve import covariances
+from factpatch.editing.targets import build_loss_batch, run_blocks
 from factpatch.editing.templates import context_templates
 from factpatch.evaluation.counterfact import request_for, summarise
 from factpatch.evaluation.sequential import heldout_paragraphs, measure_records, perplexity
@@ -36,10 +37,10 @@ from factpatch.models.loading import load_model
 
 
 def optimise(h, request, hp, templates, layers, clamps, mpes):
-    batch = _build_batch(h, request, templates)
+    batch = build_loss_batch(h, request, templates)
     rows = torch.arange(batch.ids.shape[0])
     blocks = h.module(h.adapter.blocks)
-    captured, io = _capture(h, batch.ids, layers[0])
+    captured, io = capture(h, batch.ids, layers[0])
     v_norm = {}
     deltas = {
         j: torch.zeros(io["values"].shape[-1], device=h.device, requires_grad=True) for j in layers
@@ -59,7 +60,7 @@ def optimise(h, request, hp, templates, layers, clamps, mpes):
     log_p_orig = None
     with thread_hooks(forward=[(h.rewrite_module(j), add(j)) for j in layers]):
         for step in range(hp.steps + 1):
-            hidden = _run_blocks(blocks, captured, range(layers[0], h.n_layers))
+            hidden = run_blocks(blocks, captured, range(layers[0], h.n_layers))
             picked = torch.cat(
                 [
                     hidden[batch.nll_rows, batch.nll_pos],
@@ -90,11 +91,11 @@ def optimise(h, request, hp, templates, layers, clamps, mpes):
 
 
 def solve(h, reqs, ds, layers, lam, templates, covs):
-    rows = _Rows.build(h, reqs, templates)
-    first = _trace(h, rows, layers, {}, layers[-1])
+    rows = Rows.build(h, reqs, templates)
+    first = trace(h, rows, layers, {}, layers[-1])
     prior, updates, info = {}, {}, []
     for j in layers:
-        now = _trace(h, rows, [j], prior, j)
+        now = trace(h, rows, [j], prior, j)
         K = rows.average(now.keys[j]).double().T  # [in, B]
         a = first.values[j][rows.bare] + torch.stack([d[j] for d in ds])
         v = now.values[j][rows.bare]
@@ -131,7 +132,7 @@ def run(cfg, h, records, held, out):
     hp = default_memit_hparams(h)
     zhp = dataclasses.replace(hp.z_hparams(), **cfg.get("z", {}))
     templates = context_templates(h, [tuple(t) for t in hp.templates], hp.template_seed)
-    covs = _covariances(h, layers, hp.cov_tokens, None)
+    covs = covariances(h, layers, hp.cov_tokens, None)
     paths = {j: h.adapter.rewrite_path(j) for j in layers}
     base = base_weights(h, list(paths.values()))
     total = {j: torch.zeros_like(base[paths[j]], dtype=torch.float64) for j in layers}

@@ -11,10 +11,10 @@ builds, from the same 100k tokens as C,
 with n(x) the count of token x in every corpus paragraph before the held-back ones (each
 truncated at 256 tokens, as C's are; C's own 100k tokens are among them);
 β = 0 is C, β = 1 weighs every token type alike.  C_β is scaled to C's trace (λ keeps its meaning
-on average), and the recorded MEMIT run is re-solved with it (factpatch.evaluation.memit_replay:
+on average), and the recorded MEMIT run is re-solved with it (research.memit_replay:
 the run's target values; the keys at the edited layer are exact; the run's prior weight μ).
 
-    python bench/experiments/frequency_covariance.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.frequency_covariance results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 3 \\
         '[{"beta": 0, "lam": 75}, {"beta": 0.5, "lam": 75}]'
 
@@ -32,13 +32,13 @@ import torch
 from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.covariance import read_text
-from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     run_paragraphs,
 )
 from factpatch.models.hooks import StopForward, thread_hooks
 from factpatch.models.loading import load_model
+from research.memit_replay import measure_point, open_run, replay, run_covariance
 
 MAX_LEN = 256  # as C's
 

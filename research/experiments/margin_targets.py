@@ -3,7 +3,7 @@
 Every MEMIT target δ on the bundled Gemma ends at the clamp (docs/evaluation.md), and the solve
 then inserts a fact-dependent share of it: some facts come out far past what their prompts need,
 others short.  λ scales every fact's share alike.  This replays a recorded sequential run
-(:func:`factpatch.evaluation.memit_replay.replay`, the run's target values) with a per-fact
+(:func:`research.memit_replay.replay`, the run's target values) with a per-fact
 factor sᵢ on the residual, set by a controller that reads only what an editor has — the request's
 own prompt and the run's context templates (the bare prompt and the random prefixes), never the
 paraphrase or neighbourhood prompts the evaluation scores:
@@ -17,7 +17,7 @@ So a fact already past τ gives back part of its residual and (with s_max > 1) a
 gets more.  (A first, multiplicative controller, sᵢ ← sᵢ·(nllᵢ/τ)^½, oscillated: the NLL falls
 from ≈ 4 to ≈ 0.1 between s ≈ 0.6 and 1, so it was dropped.)
 
-    python bench/experiments/margin_targets.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.margin_targets results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 \\
         '[{"tau": 0.5, "iters": 7, "s_min": 0.3, "s_max": 1.5}]'
 
@@ -36,13 +36,13 @@ import torch
 
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.templates import context_templates
-from factpatch.evaluation.memit_replay import open_run, run_covariance, scored_replay
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     run_paragraphs,
     score_pairs,
 )
 from factpatch.models.loading import load_model
+from research.memit_replay import open_run, run_covariance, scored_replay
 
 
 def template_nll(handle, records: list[dict[str, Any]], templates: list[str]) -> torch.Tensor:

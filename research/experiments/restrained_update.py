@@ -5,7 +5,7 @@ restraining the singular values of the accumulated update ΔW that exceed the la
 value of the unedited W.  What the text feels, though, is ΔW in the metric of its keys: the
 text's mean squared change is tr(ΔW C ΔWᵀ) = Σᵢ sᵢ² with sᵢ the singular values of ΔW C^½,
 and on the bundled Gemma the first batch's top component alone carries 14 % of it, the top ten
-42 % (docs/evaluation.md).  This replays the recorded run (factpatch.evaluation.memit_replay,
+42 % (docs/evaluation.md).  This replays the recorded run (research.memit_replay,
 its own settings: the recorded weights), then measures variants of the final ΔW:
 
 - ``{"whitened_top": k, "keep": γ}``: the top k components of ΔW C^½ scaled by γ,
@@ -17,7 +17,7 @@ its own settings: the recorded weights), then measures variants of the final ΔW
   ΔW's entries with the largest relative change |ΔWᵢⱼ| / |Wᵢⱼ| and zeroes the rest (applied
   here once, to the accumulated update).
 
-    python bench/experiments/restrained_update.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.restrained_update results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 \\
         '[{}, {"whitened_top": 1, "keep": 0}, {"prune": true}]'
 
@@ -33,7 +33,6 @@ import torch
 
 from factpatch.editing import base_weights, load_weights
 from factpatch.evaluation.counterfact import summarise
-from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     measure_records,
@@ -41,6 +40,7 @@ from factpatch.evaluation.sequential import (
     run_paragraphs,
 )
 from factpatch.models.loading import load_model
+from research.memit_replay import open_run, replay, run_covariance
 
 
 def restrain_whitened(change: torch.Tensor, cov: torch.Tensor, top: int, keep: float):

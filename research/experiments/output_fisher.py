@@ -15,7 +15,7 @@ row by row in Ā's eigenbasis (Ā = U diag(a) Uᵀ, Δ̃ = UᵀΔ, R̃ = UᵀR')
 δ̃ᵢ = (λ aᵢ C + M)⁻¹ K r̃ᵢ with M = μ K_pK_pᵀ + K Kᵀ, all rows at once through the generalised
 eigenvectors of (M, C): with C = L Lᵀ and L⁻¹ M L⁻ᵀ = V diag(m) Vᵀ,
 (λ aᵢ C + M)⁻¹ = L⁻ᵀ V diag(1 / (λ aᵢ + m)) Vᵀ L⁻¹.  The targets are the run's (as in
-factpatch.evaluation.memit_replay, whose replay loop runs this solve).  A grid point's
+research.memit_replay, whose replay loop runs this solve).  A grid point's
 ``grad_cov`` β replaces C by (1 − β)·C + β·C_g, C_g = E[‖g‖² k kᵀ] / E[‖g‖²] from the Fisher
 sample scaled to C's trace: the input side of the exact per-token Fisher E[(gᵀΔW k)²], which
 K-FAC's independence assumption (A ⊗ C) misses.  A fifth argument n > 0 also accumulates A and
@@ -27,7 +27,7 @@ corpus paragraphs that are neither C's nor the held-back ones; each token's g in
 later positions' losses.  For every grid point the script also reports ½·E_t[(g_tᵀ ΔW k_t)²],
 the second-order prediction of the change in mean NLL per token, beside the measured one.
 
-    python bench/experiments/output_fisher.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.output_fisher results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 \\
         '[{"lam": 75, "power": 0}, {"lam": 75, "power": 1}]'
 
@@ -46,7 +46,6 @@ from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.prompts import pad_batch
 from factpatch.evaluation.counterfact import summarise
-from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
 from factpatch.evaluation.sequential import (
     heldout_paragraphs,
     measure_records,
@@ -54,6 +53,7 @@ from factpatch.evaluation.sequential import (
     run_paragraphs,
 )
 from factpatch.models.loading import ModelHandle, load_model
+from research.memit_replay import open_run, replay, run_covariance
 
 
 def _gradients(handle: ModelHandle, layer: int, texts: list[str], seed: int = 0):

@@ -1,13 +1,13 @@
 """Re-measure the perplexity along a checkpointed sequential run on another held-back set:
 
-    python -m factpatch.evaluation.remeasure results/seq1000/memit results/seq1000/rome \\
+    python -m research.remeasure results/seq1000/memit results/seq1000/rome \\
         --paragraphs 256 --out bench/results/remeasured_ppl256.jsonl
 
 or, with ``--gate τ --data FILE``, every score of its points as a replica serving the same deltas
 through key gates would give (:mod:`factpatch.editing.gate`; the deltas are what the run
 computed, so this is the gated run itself, measured afterwards):
 
-    python -m factpatch.evaluation.remeasure results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.remeasure results/seq1000/memit-layer4-lam75-prior1 \\
         --gate 0.5 --data ../shared/data/counterfact/counterfact-val.json --out gated.jsonl
 
 Each point's model is rebuilt exactly as the run built it (``base + Σ`` the deltas up to that
@@ -30,7 +30,6 @@ from factpatch.editing import Delta, base_weights, load_weights, materialize
 from factpatch.editing.covariance import layer_covariances
 from factpatch.editing.gate import gated
 from factpatch.evaluation.counterfact import load_records, summarise
-from factpatch.evaluation.memit_sweep import emit
 from factpatch.evaluation.sequential import (
     PPL_PARAGRAPHS,
     checkpoint_deltas,
@@ -42,6 +41,7 @@ from factpatch.evaluation.sequential import (
 )
 from factpatch.models import load_model
 from factpatch.models.loading import ModelHandle
+from research.memit_sweep import emit
 
 
 def remeasure_perplexity(

@@ -5,7 +5,7 @@ name piece's alike, and the perplexity rise sits in those other names (docs/eval
 the wear sits").  Lifelong-editing methods with a router (GRACE, Hartvigsen et al. 2023; WISE,
 Wang et al. 2024) apply their change only where a token's activation is close to an edit's.  This
 measures the best such a gate could do for a recorded sequential MEMIT run, before building
-anything: the run's accumulated update (replayed, :func:`factpatch.evaluation.memit_replay.replay`,
+anything: the run's accumulated update (replayed, :func:`research.memit_replay.replay`,
 the run's own λ) is applied by a forward hook on the edited layer's output projection as
 
     y = W₀ k + g(k) · ΔW k,    g(k) = 1[score(k) > τ]
@@ -15,7 +15,7 @@ cosine between the whitened key C^{-½}k and the edits' whitened keys C^{-½}k̄
 deferral radius in the metric the solve uses; the engine's form is factpatch/editing/gate.py).
 With τ = −∞ it is the run's model.
 
-    python bench/experiments/gated_update.py results/seq1000/memit-layer4-lam75-prior1 \\
+    python -m research.experiments.gated_update results/seq1000/memit-layer4-lam75-prior1 \\
         ../shared/data/counterfact/counterfact-val.json 4 '[{"gate": "key", "tau": 0.5}]'
 
 A point may set ``lam``: the run re-solved at that λ with its targets, then gated (the replay's
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from factpatch.editing import base_weights
-from factpatch.evaluation.memit_replay import measure_point, open_run, replay, run_covariance
 from factpatch.evaluation.sequential import heldout_paragraphs, run_paragraphs
 from factpatch.models.loading import load_model
+from research.memit_replay import measure_point, open_run, replay, run_covariance
 
 QUANTILES = [0.5, 0.9, 0.99, 0.999]
 

@@ -1,8 +1,8 @@
 """Experiment record: the held-back tokens whose NLL an edited model raised most, with their
 context and the unedited / edited models' top prediction (companion to wear_tokens.py).
 
-    python bench/experiments/wear_top_tokens.py results/seq1000/memit \\
-        > bench/results/wear_top_tokens_memit300.txt
+    python -m research.experiments.wear_top_tokens results/seq1000/memit \\
+        > research/results/wear_top_tokens_memit300.txt
 
 Prints the edited model's top prediction at the worst 1 % of tokens (counted), the run's most
 frequent target objects, and the worst 40 tokens.  Results: docs/evaluation.md.

@@ -8,9 +8,9 @@ C_w = E[k kᵀ / rms(y)²] (γ weighs output rows alike for every token and does
 solve).  MEMIT's C = E[k kᵀ] weighs every token alike, so it under-protects tokens whose MLP
 output is small.  This builds C_w from the same 100k tokens as C, scales it to C's trace (so
 λ keeps its meaning on average), and re-solves the recorded MEMIT run with it
-(factpatch.evaluation.memit_replay: the run's target values, keys exact).
+(research.memit_replay: the run's target values, keys exact).
 
-    python bench/experiments/postnorm_covariance.py results/seq1000/memit \\
+    python -m research.experiments.postnorm_covariance results/seq1000/memit \\
         ../shared/data/counterfact/counterfact-val.json 3 '[{"cov": "w", "lam": 300}]'
 
 One JSON line per grid point on stdout.  Results: docs/evaluation.md.
@@ -27,10 +27,10 @@ from factpatch.corpus import load_corpus
 from factpatch.editing import base_weights, load_weights
 from factpatch.editing.covariance import read_text
 from factpatch.evaluation.counterfact import summarise
-from factpatch.evaluation.memit_replay import open_run, replay, run_covariance
 from factpatch.evaluation.sequential import heldout_paragraphs, measure_records, perplexity
 from factpatch.models.hooks import StopForward, thread_hooks
 from factpatch.models.loading import load_model
+from research.memit_replay import open_run, replay, run_covariance
 
 PARAGRAPHS = 256
 

@@ -2,10 +2,10 @@
 without optimising the targets again: the trade-off between efficacy and wear in minutes,
 where a new run takes hours.
 
-    python -m factpatch.evaluation.memit_replay --run results/seq1000/memit \\
+    python -m research.memit_replay --run results/seq1000/memit \\
         --data ../shared/data/counterfact/counterfact-val.json --batches 3 \\
         --grid '[{"lam": 1000}, {"lam": 3000}, {"lam": 300, "scale": 0.6}]' \\
-        --out bench/results/memit_replay_val300.jsonl
+        --out research/results/memit_replay_val300.jsonl
 
 For a run that edits one layer l, what is exact: the keys at l depend only on the layers below
 it, never on l's own rewrite module, so each batch's template-averaged keys K [in, B] (stored
@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from factpatch.editing import Delta, base_weights, load_weights
-from factpatch.editing.memit import _covariances, _Rows, _trace
+from factpatch.editing.keys import Rows, trace
+from factpatch.editing.solve import covariances
 from factpatch.evaluation.counterfact import load_records, request_for, summarise
-from factpatch.evaluation.memit_sweep import emit
 from factpatch.evaluation.sequential import (
     checkpoint_deltas,
     heldout_paragraphs,
@@ -55,6 +55,7 @@ from factpatch.evaluation.sequential import (
 )
 from factpatch.models import load_model
 from factpatch.models.loading import ModelHandle
+from research.memit_sweep import emit
 
 
 def load_run(folder: str | Path) -> tuple[dict[str, Any], list[Delta]]:
@@ -124,8 +125,8 @@ def replay(
     out = []
     for b, delta in enumerate(deltas):
         requests = [request_for(r) for r in records[b * batch : (b + 1) * batch]]
-        rows = _Rows.build(handle, requests, ["{}"])
-        k_bare = _trace(handle, rows, [layer], {}, layer).keys[layer].double()  # [B, in]
+        rows = Rows.build(handle, requests, ["{}"])
+        k_bare = trace(handle, rows, [layer], {}, layer).keys[layer].double()  # [B, in]
         left, right = (f.double().to(recorded.device) for f in delta.factors[path])
         if left.shape[1] != len(requests):
             raise ValueError(f"records: batch {b} of the run has {left.shape[1]} facts")
@@ -193,7 +194,7 @@ def run_covariance(
     or ``n_tokens``."""
     layer = report["layers"][0]
     n_tokens = n_tokens or report["hparams"]["cov_tokens"]
-    return _covariances(handle, [layer], n_tokens, None)[layer]
+    return covariances(handle, [layer], n_tokens, None)[layer]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ Each restoration runs the batch [clean row, S corrupted rows] over the whole pro
 the clean row's output at (token, layer) into the corrupted rows in the same forward, and the
 model's own LM head gives P(answer) at the last position.  No key/value cache, no skipped
 positions, no shortcut around the head.  It is the oracle the tests compare
-:func:`factpatch.tracing.trace` with, and the naive baseline of ``bench/trace_speed.py``.
+:func:`factpatch.tracing.trace` with, and the naive baseline of ``python -m bench.trace_speed``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from factpatch.models.hooks import HookFn, block_output, thread_hooks
 from factpatch.models.loading import ModelHandle
 from factpatch.tracing.core import (
     TraceResult,
-    _check,
+    check_options,
     module_path,
     prepare,
     sites_for,
@@ -81,7 +81,7 @@ def trace_reference(
     seed: int = 0,
 ) -> TraceResult:
     """:func:`factpatch.tracing.trace` computed with one forward per (token, layer)."""
-    _check([kind], samples, window)
+    check_options([kind], samples, window)
     setup, encoded, _, noise_info = prepare(
         handle, prompt, subject, answer, [kind], samples, noise, seed
     )

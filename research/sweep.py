@@ -1,6 +1,6 @@
 """Hyperparameter sweep for ROME defaults: single-edit CounterFact over a grid of settings.
 
-    python bench/sweep.py --data ../shared/data/counterfact/counterfact-train.json --n 30 \
+    python -m research.sweep --data ../shared/data/counterfact/counterfact-train.json --n 30 \
         --grid '{"layer": [2, 4, 6]}' --out results/sweep.json
 
 Each grid point is evaluated on the same records; one JSON line per point is appended to --out.
