@@ -3,7 +3,7 @@ like an edited fact's.
 
 A weight edit is linear, so every token's key k at the edited layer gets ΔW k — the edited
 subjects' and every other name's alike; over many edits that spill-over is where the model's
-perplexity on ordinary text rises (docs/evaluation.md).  Lifelong-editing methods with a router
+perplexity on ordinary text rises (research/NOTES.md).  Lifelong-editing methods with a router
 (GRACE, Hartvigsen et al. 2023, arXiv 2211.11031: a codebook of keys with a deferral radius;
 WISE, Wang et al. 2024, arXiv 2405.14768: a side memory behind an activation router) apply their
 change only near an edit.  Here the router works in the metric MEMIT's solve already uses, the
@@ -16,7 +16,7 @@ over the edited facts' keys kᵢ (the keys each delta already carries), ΔW the 
 deltas.  With τ < −1 every key passes and the layer computes (W₀ + ΔW) k, the ungated edit.  The
 deltas themselves are computed exactly as before, on the ungated weights: a fact's stored key
 (averaged over its context templates) has cosine 1, and the key of its own prompt is close to it
-(on the bundled Gemma ≥ 0.70 for 99 % of edited prompts, docs/evaluation.md), so where an edit
+(on the bundled Gemma ≥ 0.70 for 99 % of edited prompts, research/NOTES.md), so where an edit
 is asked for the gated and the ungated model agree and the gate only withholds the change from
 keys far from every edit.
 

@@ -32,7 +32,7 @@ A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l
    Σᵢ ‖Δ k̄ᵢ − Rᵢ‖² + tr(Δ S Δᵀ), S the keys' within-fact scatter, so K_l K_lᵀ in both solves
    becomes F Fᵀ = K̄ K̄ᵀ + S with F = [kᵢₜ / √T] [in, B·T] and K_l = K̄ (the mean over these
    templates); F is what the delta keeps as its keys.  It asks the update to answer alike
-   whichever context precedes the subject (docs/evaluation.md, "Fitting every context's key").
+   whichever context precedes the subject (research/NOTES.md, "Fitting every context's key").
 
    μ = ``prior_weight``; μ = 0 is the paper's MEMIT.  With μ = 1 the MEMIT solve is the least-
    squares problem of MEMIT eq. 9–11 with the earlier edits counted among the memories to keep
@@ -42,7 +42,7 @@ A batch of requests i = 1..B is edited over the layers l ∈ L = (l₁ < … < l
    earlier key, Sherman–Morrison gives the shrinkage: a later batch moves W k_p by
    1/(1 + μ·k_pᵀ(λC + KKᵀ)⁻¹k_p) of what plain MEMIT would (k_pᵀ(λC)⁻¹k_p ≈ d_key/λ: 7 at
    λ = 300 on the bundled Gemma), so later batches stop writing over earlier ones
-   (docs/evaluation.md).
+   (research/NOTES.md).
 
 The update of layer l is low-rank by construction: ``left = Rᵀ`` [out, B] and
 ``right = (λC + KKᵀ)⁻¹K`` [in, B] (AlphaEdit: ``right = P ((K_pK_pᵀ + KKᵀ)P + αI)⁻¹ K``, which
@@ -52,9 +52,9 @@ Purity as in ROME: no weight is written.  Earlier layers' updates act through th
 forward hooks that add ``left (rightᵀ k)`` to the rewrite module's output
 (:mod:`factpatch.models.hooks`), removed when each pass ends.
 
-The bundled model's defaults (one layer, λ = 75, μ = 1) and the measurements behind them are in
-docs/evaluation.md; λ scales with the key width (the share of a residual written at a typical
-key is s/(1+s), s ≈ d_key/λ).
+The bundled model's defaults (one layer, λ = 75, μ = 1) are in docs/evaluation.md, the
+measurements behind them in research/NOTES.md; λ scales with the key width (the share of a
+residual written at a typical key is s/(1+s), s ≈ d_key/λ).
 
 Sequential editing state: K_p K_pᵀ is the only thing an edit needs from the edits before it,
 so both methods take it as an explicit :class:`SequentialState` (never changed; the next one is

@@ -67,7 +67,7 @@ from factpatch.models.loading import ModelHandle, weights_hash
 METHODS = ("rome", "memit", "alphaedit")
 # Held-back paragraphs for perplexity. 16 (≈ 2,000 tokens, the first runs' setting) proved too few
 # to rank settings: on 256 two runs' difference at 300 edits shrank from 3.8 to 0.6 points
-# (docs/evaluation.md); a resumed run keeps the set it started with.
+# (research/NOTES.md); a resumed run keeps the set it started with.
 PPL_PARAGRAPHS = 256
 PAIR_KEYS = ("rewrite_new", "rewrite_true", "para_new", "para_true", "nb_new", "nb_true")
 

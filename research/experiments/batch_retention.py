@@ -7,7 +7,7 @@ For a checkpointed run (MEMIT or AlphaEdit, one delta per batch), each batch's f
     python -m research.experiments.batch_retention \\
         ../shared/data/counterfact/counterfact-val.json results/seq1000/memit-layer4
 
-Printed lines; results: docs/evaluation.md (research/results/batch_retention_memit-layer4.txt).
+Printed lines; results: research/NOTES.md (research/results/batch_retention_memit-layer4.txt).
 """
 
 import json

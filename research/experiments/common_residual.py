@@ -5,7 +5,7 @@ not independent: over the default run's first 400 validation edits their mean ca
 Σ‖rᵢ‖² and the mean cosine to it is 0.41 (0.61 of the mean norm in the first batch, 0.33 in the
 fourth — later subjects already get part of it from the earlier batches' update).  A direction
 all facts want, written at keys that all share a subject-name component, is what a linear update
-carries to every other name in text — where the perplexity rise sits (docs/evaluation.md, "Where
+carries to every other name in text — where the perplexity rise sits (research/NOTES.md, "Where
 the wear sits").  This replays a recorded sequential run
 (:func:`research.memit_replay.replay`, the run's targets) with that component of each
 batch's residuals shrunk:
@@ -17,7 +17,7 @@ batch's residuals shrunk:
         ../shared/data/counterfact/counterfact-val.json 4 '[{"alpha": 1.0}, {"alpha": 0.5}]'
 
 One JSON line per grid point on stdout (a point may also set ``lam``; ``direction`` "batch"
-(default) or "run").  Results: docs/evaluation.md.
+(default) or "run").  Results: research/NOTES.md.
 """
 
 import json

@@ -18,7 +18,7 @@ targets (:func:`research.memit_replay.replay`).
 
 One JSON line per grid point on stdout (a point may also set ``lam``, and ``spread_templates``,
 e.g. ``[[10, 20]]``, to estimate S from other context templates than the run's).  Results:
-docs/evaluation.md.
+research/NOTES.md.
 """
 
 import json

@@ -10,7 +10,7 @@ paragraphs themselves (26k tokens, the text the perplexity is measured on).
     python -m research.experiments.covariance_size \\
         results/seq1000/memit results/seq1000/memit-clamp0.5
 
-One JSON line per run and batch on stdout.  Results: docs/evaluation.md.
+One JSON line per run and batch on stdout.  Results: research/NOTES.md.
 """
 
 import json

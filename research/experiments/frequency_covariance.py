@@ -1,7 +1,7 @@
 """Experiment record: protect rare tokens' keys as much as common ones.
 
 The wear of MEMIT's edits on text sits in rare tokens: half of the perplexity rise comes from 1 %
-of the tokens, mostly continuations of rare multi-token names (docs/evaluation.md, "Where the
+of the tokens, mostly continuations of rare multi-token names (research/NOTES.md, "Where the
 wear sits").  C = E[k kᵀ] weighs every occurrence alike, so a token type seen twice in 100k
 tokens barely constrains the solve, though rare types together carry much of the text.  This
 builds, from the same 100k tokens as C,
@@ -18,7 +18,7 @@ the run's target values; the keys at the edited layer are exact; the run's prior
         ../shared/data/counterfact/counterfact-val.json 3 \\
         '[{"beta": 0, "lam": 75}, {"beta": 0.5, "lam": 75}]'
 
-One JSON line per grid point on stdout.  Results: docs/evaluation.md.
+One JSON line per grid point on stdout.  Results: research/NOTES.md.
 """
 
 import json

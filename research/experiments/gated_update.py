@@ -1,7 +1,7 @@
 """Experiment record: what a gate on the edited layer's update would buy.
 
 A weight edit is linear: every token's key k gets ΔW k, the edited subjects' and every other
-name piece's alike, and the perplexity rise sits in those other names (docs/evaluation.md, "Where
+name piece's alike, and the perplexity rise sits in those other names (research/NOTES.md, "Where
 the wear sits").  Lifelong-editing methods with a router (GRACE, Hartvigsen et al. 2023; WISE,
 Wang et al. 2024) apply their change only where a token's activation is close to an edit's.  This
 measures the best such a gate could do for a recorded sequential MEMIT run, before building
@@ -22,7 +22,7 @@ A point may set ``lam``: the run re-solved at that λ with its targets, then gat
 approximation).  ``--no-quantiles`` after the grid skips the first pass.  First lines: the score's
 quantiles over held-back text tokens and over the edit, paraphrase and
 neighbourhood prompts (each prompt's largest score); then one JSON line per grid point, with the
-share of those text tokens the gate lets through.  Results: docs/evaluation.md.
+share of those text tokens the gate lets through.  Results: research/NOTES.md.
 """
 
 import json

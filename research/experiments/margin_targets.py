@@ -1,6 +1,6 @@
 """Experiment record: size each fact's residual after the solve, not before it.
 
-Every MEMIT target δ on the bundled Gemma ends at the clamp (docs/evaluation.md), and the solve
+Every MEMIT target δ on the bundled Gemma ends at the clamp (research/NOTES.md), and the solve
 then inserts a fact-dependent share of it: some facts come out far past what their prompts need,
 others short.  λ scales every fact's share alike.  This replays a recorded sequential run
 (:func:`research.memit_replay.replay`, the run's target values) with a per-fact
@@ -22,7 +22,7 @@ from ≈ 4 to ≈ 0.1 between s ≈ 0.6 and 1, so it was dropped.)
         '[{"tau": 0.5, "iters": 7, "s_min": 0.3, "s_max": 1.5}]'
 
 One JSON line per grid point on stdout (a point may also set ``lam``).  Results:
-docs/evaluation.md.
+research/NOTES.md.
 """
 
 import json

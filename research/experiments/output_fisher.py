@@ -31,7 +31,7 @@ the second-order prediction of the change in mean NLL per token, beside the meas
         ../shared/data/counterfact/counterfact-val.json 4 \\
         '[{"lam": 75, "power": 0}, {"lam": 75, "power": 1}]'
 
-One JSON line per grid point on stdout.  Results: docs/evaluation.md.
+One JSON line per grid point on stdout.  Results: research/NOTES.md.
 """
 
 import json

@@ -13,7 +13,7 @@ output is small.  This builds C_w from the same 100k tokens as C, scales it to C
     python -m research.experiments.postnorm_covariance results/seq1000/memit \\
         ../shared/data/counterfact/counterfact-val.json 3 '[{"cov": "w", "lam": 300}]'
 
-One JSON line per grid point on stdout.  Results: docs/evaluation.md.
+One JSON line per grid point on stdout.  Results: research/NOTES.md.
 """
 
 import json

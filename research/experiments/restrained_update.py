@@ -5,7 +5,7 @@ restraining the singular values of the accumulated update ΔW that exceed the la
 value of the unedited W.  What the text feels, though, is ΔW in the metric of its keys: the
 text's mean squared change is tr(ΔW C ΔWᵀ) = Σᵢ sᵢ² with sᵢ the singular values of ΔW C^½,
 and on the bundled Gemma the first batch's top component alone carries 14 % of it, the top ten
-42 % (docs/evaluation.md).  This replays the recorded run (research.memit_replay,
+42 % (research/NOTES.md).  This replays the recorded run (research.memit_replay,
 its own settings: the recorded weights), then measures variants of the final ΔW:
 
 - ``{"whitened_top": k, "keep": γ}``: the top k components of ΔW C^½ scaled by γ,
@@ -21,7 +21,7 @@ its own settings: the recorded weights), then measures variants of the final ΔW
         ../shared/data/counterfact/counterfact-val.json 4 \\
         '[{}, {"whitened_top": 1, "keep": 0}, {"prune": true}]'
 
-One JSON line per grid point on stdout (``{}``: the run itself).  Results: docs/evaluation.md.
+One JSON line per grid point on stdout (``{}``: the run itself).  Results: research/NOTES.md.
 """
 
 import json

@@ -2,7 +2,7 @@
 factpatch.editing): sequential batches with one δ per edited layer (each added at its layer's own
 rewrite output, each clamped to c_j·‖v_j‖), optionally ENCORE's most-probable early stopping
 (Gupta et al. 2025, arXiv 2502.01636), then MEMIT's solve per layer with the keys recomputed after
-the layers below.  Results: docs/evaluation.md, "How much text the perplexity needs".
+the layers below.  Results: research/NOTES.md, "How much text the perplexity needs".
 
     python -m research.experiments.sequential_variants \\
         '[{"layers": [2]}, {"layers": [1, 2, 3], "clamp": 0.33},

@@ -17,7 +17,7 @@ most lr·clamp·‖v‖_M long; ‖δ‖_M ≤ clamp·‖v‖_M), the same loss 
 One JSON line per record (‖δ‖, δᵀGδ, final NLL, steps; the reference and each lr) and a
 summary on stdout; G (16,384 tokens of the corpus's first paragraphs, float64) takes ≈ 6 min on
 the 2-core CPU.  The 100-edit run with these targets used the same optimiser inside the engine
-(`z_metric = "fisher"` at commit 53bfc7c, removed afterwards).  Results: docs/evaluation.md.
+(`z_metric = "fisher"` at commit 53bfc7c, removed afterwards).  Results: research/NOTES.md.
 """
 
 import json

@@ -8,7 +8,7 @@ over tokens and paragraphs, and how much of it sits in paragraphs that name an e
     python -m research.experiments.wear_tokens ../shared/data/counterfact/counterfact-val.json \\
         results/seq1000/memit results/seq1000/memit-clamp0.5 results/seq1000/rome
 
-One JSON line per run on stdout.  Results: docs/evaluation.md.
+One JSON line per run on stdout.  Results: research/NOTES.md.
 """
 
 import json

@@ -5,7 +5,7 @@ context and the unedited / edited models' top prediction (companion to wear_toke
         > research/results/wear_top_tokens_memit300.txt
 
 Prints the edited model's top prediction at the worst 1 % of tokens (counted), the run's most
-frequent target objects, and the worst 40 tokens.  Results: docs/evaluation.md.
+frequent target objects, and the worst 40 tokens.  Results: research/NOTES.md.
 """
 
 import collections
