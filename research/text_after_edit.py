@@ -50,9 +50,11 @@ SETTINGS |= {
     | {"essence_questions": 8},
     # The questions at the paper's KL factor (0.0625).
     "questions8-bf16": SETTINGS["paper"] | BF16 | {"essence_questions": 8},
-    "questions8-continuation-bf16": SETTINGS["continuation-kl0.25"]
+    # The questions with the reference's 20 context templates (10 of 10 tokens, 10 of 5): more
+    # prefixed prompts for the rewrite term, against the paraphrase loss the questions cost.
+    "questions8-kl0.25-t20-bf16": SETTINGS["paper"]
     | BF16
-    | {"essence_questions": 8, "kl_factor": 0.0625},
+    | {"essence_questions": 8, "kl_factor": 0.25, "templates": [[10, 10], [5, 10]]},
 }
 
 

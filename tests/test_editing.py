@@ -86,6 +86,18 @@ def test_same_seed_same_delta(tiny_llama, tiny_hparams, eiffel):
         assert torch.equal(a.factors[path][1], b.factors[path][1])
 
 
+def test_full_passes_give_the_packed_passes_update(tiny_llama, tiny_hparams, eiffel):
+    """``packed=False`` re-runs every position in every step (the code before the packed
+    passes; bench/edit_speed.py compares the two): the same update up to float rounding."""
+    packed = compute_edit(tiny_llama, eiffel, tiny_hparams)
+    full = compute_edit(tiny_llama, eiffel, tiny_hparams, packed=False)
+    (path,) = packed.factors
+    stats = (packed.provenance["stats"][0], full.provenance["stats"][0])
+    assert stats[0]["positions"][1] < stats[0]["positions"][0]  # later passes were packed
+    assert stats[1]["positions"][1] == stats[1]["positions"][0]  # every pass ran in full
+    torch.testing.assert_close(packed.dense(path), full.dense(path), rtol=1e-4, atol=1e-6)
+
+
 def test_two_requests_give_rank_two_and_both_take(tiny_llama, tiny_hparams, eiffel):
     other = EditRequest("{} is the capital of", "Rome", "Germany")
     delta = compute_edit(tiny_llama, [eiffel, other], tiny_hparams)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from factpatch.editing import EditRequest, apply_delta, compute_edit, materialize
-from factpatch.ledger import Ledger, LedgerMismatchError
+from factpatch.ledger import Ledger, LedgerError, LedgerMismatchError
 from factpatch.ledger.writer import LedgerWriter
 from factpatch.models import ModelHandle, tensor_sha256, weights_hash
 from factpatch.runtime import (
@@ -360,3 +360,38 @@ def test_non_finite_delta_is_refused_before_commit(tiny_llama, ledger):
     with pytest.raises(ValueError, match="non-finite"):
         LedgerWriter(replica.ledger, replica).add_edits([delta], [[{}]], 0)
     assert ledger.head() == 0 and ledger.redis.hlen(ledger.k_blobs) == 0
+
+
+def test_a_commit_materialises_once_and_a_rollback_needs_no_model(tiny_llama, ledger, monkeypatch):
+    """The writer hashes the new edit list on the replica, and the replica's apply copies those
+    same tensors (one materialisation per commit); a writer without a model rolls back with
+    the target version's hashes and the recorded base hashes, and the replica serves it."""
+    import factpatch.runtime.replica as replica_module
+
+    replica = Replica(tiny_llama, ledger).start()
+    writer = LedgerWriter(ledger, replica)
+    calls: list[int] = []
+    real = replica_module.materialize
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(replica_module, "materialize", counted)
+    writer.add_edits([random_delta(tiny_llama, 0)], [[{}]], 0)  # first touch: base hash too
+    first = len(calls)
+    same_module = random_delta(tiny_llama, tiny_llama.n_layers)  # layer 0 again
+    writer.add_edits([same_module], [[{}]], 1)
+    assert len(calls) - first == 1 and replica.version == 2
+    edited = weights_hash(tiny_llama.model)
+    assert set(ledger.base_hashes()) == set(ledger.get(2).hashes)
+
+    back = LedgerWriter(ledger).rollback(0).version  # no replica, no model
+    assert back.edits == () and back.hashes == ledger.base_hashes()
+    assert replica.catch_up() == 3 and weights_hash(tiny_llama.model) == tiny_llama.base_hash
+    again = LedgerWriter(ledger).rollback(2).version
+    assert again.hashes == ledger.get(2).hashes
+    assert replica.catch_up() == 4 and weights_hash(tiny_llama.model) == edited
+    with pytest.raises(LedgerError, match="needs the model"):
+        LedgerWriter(ledger).revert(again.edits[0])
+    assert ledger.head() == 4
