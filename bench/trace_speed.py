@@ -9,6 +9,8 @@ Reports, for one prompt at the paper's settings (10 noise samples, window 10):
   ``tests/reference_trace.py`` (the paper's reference method: for each (token, layer), one
   forward of [clean row, 10 corrupted rows] over the whole prompt with the model's own LM head),
   its seconds, the ratio, and the largest difference between the two effect matrices;
+* with ``--compare-dtype``, all three kinds again on a copy of the model in that dtype (say a
+  bfloat16 run against float32): its seconds, the ratio, the largest effect difference;
 * one-time costs: model load, the noise-level measurement (or its cache read).
 """
 
@@ -54,6 +56,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--naive", nargs="*", default=["hidden"], choices=KINDS)
+    parser.add_argument(
+        "--compare-dtype",
+        help="also trace all three kinds on a copy of the model in this dtype (e.g. float32) "
+        "and report its seconds and the largest effect difference",
+    )
     parser.add_argument("--out", default="bench/results/trace_speed.json")
     args = parser.parse_args()
     settings = dict(samples=args.samples, window=args.window)
@@ -96,6 +103,24 @@ def main() -> None:
         "corrupted": first.corrupted,
         "strongest": {k: list(r.strongest()) for k, r in results.items()},
     }
+    if args.compare_dtype:
+        other = load_model(args.model, device=args.device, dtype=args.compare_dtype)
+        subject_embedding_std(other)
+        trace(other, args.prompt, args.subject, samples=1, noise=0.0)  # warm-up
+        theirs, seconds = timed(trace_kinds, other, args.prompt, args.subject, **settings)
+        ours = trace_kinds(handle, args.prompt, args.subject, **settings)
+        diffs = {k: float((ours[k].matrix - theirs[k].matrix).abs().max()) for k in KINDS}
+        ratio = report["batched_seconds"]["all_three_together"] / seconds
+        report["compared_dtype"] = {
+            "dtype": args.compare_dtype,
+            "all_three_together_seconds": round(seconds, 2),
+            "ratio_this_over_compared": round(ratio, 3),
+            "max_abs_difference": diffs,
+            "strongest": {k: list(r.strongest()) for k, r in theirs.items()},
+        }
+        print(f"{args.compare_dtype} all three kinds {seconds:6.1f} s; this/that {ratio:.2f}")
+        print(f"max |effect difference| {diffs}", flush=True)
+        del other
     for kind in args.naive:
         slow, seconds = timed(
             trace_reference, handle, args.prompt, args.subject, kind=kind, **settings
