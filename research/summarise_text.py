@@ -29,6 +29,9 @@ def summary(rows: list[dict]) -> dict[str, float]:
         "PS": share(rows, "after", "para_new", "para_true"),
         "NS": share(rows, "after", "nb_true", "nb_new"),
         "NS_unedited": share(rows, "before", "nb_true", "nb_new"),
+        "PS_margin": statistics.fmean(
+            r["after"]["scores"]["para_new"] - r["after"]["scores"]["para_true"] for r in rows
+        ),
         "essence_kept": statistics.fmean(kept),
         "essence_probes": sum(r["essence_probes"] for r in rows),
         "median_seconds": statistics.median(r["seconds"] for r in rows),
@@ -48,7 +51,8 @@ def main() -> None:
     for name, rows in by_setting.items():
         s = summary(rows)
         print(
-            f"{name}: n={s['n']} ES {s['ES']:.1f} PS {s['PS']:.1f} NS {s['NS']:.1f} "
+            f"{name}: n={s['n']} ES {s['ES']:.1f} PS {s['PS']:.1f} "
+            f"(margin {s['PS_margin']:+.3f}) NS {s['NS']:.1f} "
             f"(unedited NS {s['NS_unedited']:.1f}); essence kept {s['essence_kept']:.3f} "
             f"({s['essence_probes']} probes); median {s['median_seconds']:.1f} s/edit"
         )

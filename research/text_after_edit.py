@@ -55,6 +55,14 @@ SETTINGS |= {
     "questions8-kl0.25-t20-bf16": SETTINGS["paper"]
     | BF16
     | {"essence_questions": 8, "kl_factor": 0.25, "templates": [[10, 10], [5, 10]]},
+    # A smaller ‖δ‖ bound: under Gemma 3's post-feed-forward norm δ turns the MLP output's
+    # direction rather than adding to it, so a smaller δ may keep more of the subject.
+    "paper-clamp0.5-bf16": SETTINGS["paper"] | BF16 | {"clamp_norm_factor": 0.5},
+    "paper-clamp0.75-bf16": SETTINGS["paper"] | BF16 | {"clamp_norm_factor": 0.75},
+    "questions8-clamp0.5-bf16": SETTINGS["paper"]
+    | BF16
+    | {"essence_questions": 8, "clamp_norm_factor": 0.5},
+    "paper-clamp0.5": SETTINGS["paper"] | {"clamp_norm_factor": 0.5},
 }
 
 
