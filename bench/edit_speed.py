@@ -9,10 +9,7 @@ Settings (``--settings``, comma-separated):
 * ``unpacked``: the model's dtype, every optimisation pass over every position (the code before
   the packed passes of factpatch/editing/packed.py: ``compute_edit(..., packed=False)``);
 * ``model``: the model's dtype, packed passes (the same δ up to float rounding);
-* ``bfloat16`` / ``auto`` / …: ``optimise_dtype``, packed passes; the reduced-precision copy
-  of the blocks is kept between edits while the weights are unchanged (factpatch's default);
-* ``bfloat16-fresh`` (any dtype + ``-fresh``): the same, with the copy made afresh for every
-  edit (as before the copy was kept).
+* ``bfloat16`` / ``auto`` / …: ``optimise_dtype``, packed passes.
 
 Per record, every setting is edited on a fresh copy of the base weights, one after the other
 (so all see the same machine load); one JSON line per record.  The summary gives, per setting,
@@ -40,7 +37,6 @@ DATA = "../shared/data/counterfact/counterfact-val.json"
 
 
 UNPACKED = "unpacked"
-FRESH = "-fresh"
 
 
 def _machine() -> str:
@@ -59,9 +55,7 @@ def run(args: argparse.Namespace) -> None:
     records = load_records(args.data)[args.offset : args.offset + args.n]
     settings = args.settings.split(",")
     hps = {
-        name: default_hparams(
-            handle, optimise_dtype="model" if name == UNPACKED else name.removesuffix(FRESH)
-        )
+        name: default_hparams(handle, optimise_dtype="model" if name == UNPACKED else name)
         for name in settings
     }
     path = handle.adapter.rewrite_path(hps[settings[0]].layer)

@@ -234,13 +234,7 @@ def resolve_optimise_dtype(
 
 def upper_modules(handle: ModelHandle, layer: int, optimise_dtype: str = "model") -> UpperModules:
     """The modules above ``layer`` (inclusive) as they are, or copied to ``optimise_dtype``
-    (the copy carries no hooks and shares nothing with the serving model).
-
-    A copy is kept in ``handle.cache``: each later call casts again only the tensors written
-    since (a replica applying a version rewrites one matrix per edited layer), found by every
-    source tensor's storage address and version counter, which every in-place write moves
-    (``load_weights``, ``apply_delta``).  Writes through ``param.data`` bypass the counter and
-    are not seen."""
+    (the copy carries no hooks and shares nothing with the serving model)."""
     adapter = handle.adapter
     blocks = handle.module(adapter.blocks)
     head = handle.module(adapter.head)
@@ -256,11 +250,6 @@ def upper_modules(handle: ModelHandle, layer: int, optimise_dtype: str = "model"
     dtype = resolve_optimise_dtype(optimise_dtype, handle.device, upper.dtype)
     if dtype == upper.dtype:
         return upper
-    memo = ("upper_modules", layer, dtype)
-    sources = _tensors(upper)
-    cached = handle.cache.get(memo)
-    if cached is not None and _refresh(cached, sources):
-        return cached.upper
 
     def cast(module: nn.Module) -> nn.Module:
         # Each parameter goes straight to its cast copy (no full-precision clone on the way).
@@ -277,41 +266,7 @@ def upper_modules(handle: ModelHandle, layer: int, optimise_dtype: str = "model"
     upper.head_weight = head.weight.detach().to(dtype)
     upper.head_bias = None if head.bias is None else head.bias.detach().to(dtype)
     upper.dtype = dtype
-    handle.cache[memo] = _KeptCopy(upper, _tensors(upper), [_stamp(t) for t in sources])
     return upper
-
-
-@dataclass
-class _KeptCopy:
-    upper: UpperModules  # the reduced-precision modules
-    copies: list[torch.Tensor]  # their tensors, in the order of _tensors
-    stamps: list[tuple[int, int]]  # each source tensor's stamp when it was last cast
-
-
-def _tensors(upper: UpperModules) -> list[torch.Tensor]:
-    """Every tensor the modules read, in a fixed order (a copy's order equals its source's)."""
-    modules = [*(upper.blocks[i] for i in sorted(upper.blocks)), upper.final_norm]
-    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-    return tensors + [t for t in (upper.head_weight, upper.head_bias) if t is not None]
-
-
-def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.data_ptr(), tensor._version
-
-
-@torch.no_grad()
-def _refresh(kept: _KeptCopy, sources: list[torch.Tensor]) -> bool:
-    """Cast again the sources written since their last cast; False where the modules changed
-    shape (then a new copy is made)."""
-    if len(sources) != len(kept.copies):
-        return False
-    for i, (source, copy_) in enumerate(zip(sources, kept.copies, strict=True)):
-        if source.shape != copy_.shape:
-            return False
-        if _stamp(source) != kept.stamps[i]:
-            copy_.copy_(source.detach().to(copy_.dtype))
-            kept.stamps[i] = _stamp(source)
-    return True
 
 
 @torch.no_grad()
