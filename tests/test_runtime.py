@@ -221,7 +221,13 @@ def test_no_torn_reads_while_versions_change(tiny_llama, ledger, batching):
     threads.append(threading.Thread(target=applier))
     for t in threads:
         t.start()
-    time.sleep(8.0)
+    # Enough interleaving to mean something: at least 50 applies and 50 responses, at least 8 s
+    # (a slow or busy machine gets more time, up to a minute, rather than a failure).
+    began = time.monotonic()
+    while time.monotonic() - began < 60 and not errors:
+        time.sleep(0.5)
+        if time.monotonic() - began >= 8.0 and applies[0] >= 50 and len(responses) >= 50:
+            break
     stop.set()
     for t in threads:
         t.join()
