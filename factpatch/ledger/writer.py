@@ -130,7 +130,11 @@ class LedgerWriter:
         hash of a module touched for the first time is recorded for later rollbacks."""
         if self.tensors is None:
             raise LedgerError("materialising a new edit list needs the model (a replica)")
-        paths = set(parent.hashes) | {p for e in edits for p in self.ledger.edit(e).modules}
+        # The parent's hashes already cover every module its history touched: only edits new
+        # to this list can add one (one record read per new edit, not per active edit).
+        earlier = set(parent.edits)
+        added = [e for e in edits if e not in earlier]
+        paths = set(parent.hashes) | {p for e in added for p in self.ledger.edit(e).modules}
         new = paths - set(self.ledger.base_hashes())
         if new:  # before the edit list, whose tensors the replica keeps for its next apply
             base = self.tensors.hashes_for([], new)
