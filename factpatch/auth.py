@@ -4,7 +4,8 @@ Scopes nest: ``admin`` ⊇ ``edit`` ⊇ ``infer``.
 
 - ``infer``: generate, score, OIP inference and metadata, reading the ledger;
 - ``edit``: submit edits and traces, read and cancel jobs;
-- ``admin``: rollback, revert (and ``factpatch ledger import`` on the command line).
+- ``admin``: rollback, revert, adding and removing protected facts (and ``factpatch ledger
+  import`` on the command line).
 
 Tokens travel as gRPC metadata ``authorization: Bearer <token>``.  The server keeps only their
 sha256 (from ``FACTPATCH_TOKENS_FILE``: a JSON list of ``{"name", "sha256", "scopes"}``; from
@@ -49,10 +50,19 @@ METHOD_SCOPES: dict[str, str | None] = {
     "/factpatch.v1.TraceService/SubmitTrace": _EDIT,
     **{
         f"/factpatch.v1.LedgerService/{m}": _INFER
-        for m in ("GetHead", "ListVersions", "GetVersion", "WatchHead", "GetServed")
+        for m in (
+            "GetHead",
+            "ListVersions",
+            "GetVersion",
+            "WatchHead",
+            "GetServed",
+            "ListProtected",
+        )
     },
-    "/factpatch.v1.LedgerService/Rollback": _ADMIN,
-    "/factpatch.v1.LedgerService/RevertEdit": _ADMIN,
+    **{
+        f"/factpatch.v1.LedgerService/{m}": _ADMIN
+        for m in ("Rollback", "RevertEdit", "AddProtected", "RemoveProtected")
+    },
     "/factpatch.v1.GenerateService/Generate": _INFER,
     "/factpatch.v1.GenerateService/Score": _INFER,
     **{

@@ -89,6 +89,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "tls-client-ca", str, None, "CA (PEM) for client certificates: mutual TLS", ("server", "up")
     ),
+    Option(
+        "checks",
+        str,
+        "edit=enforce,earlier=warn,protected=warn,fluency=warn",
+        "checked commits: policy per check (enforce, warn, off), or one for all; a request "
+        "may override it (docs/checks.md)",
+        ("server", "up"),
+    ),
     Option("max-attempts", int, 3, "tries of a job before it is dead-lettered"),
     Option(
         "rebase-limit",
@@ -143,6 +151,7 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    checks: str = "edit=enforce,earlier=warn,protected=warn,fluency=warn"
     max_attempts: int = 3
     rebase_limit: int = 8
     heartbeat_ttl: float = 15.0

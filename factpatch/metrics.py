@@ -78,6 +78,17 @@ EDIT_PHASE = Histogram(
     ["phase"],
     buckets=JOB,
 )
+CHECKS = Counter(
+    "factpatch_checks",
+    "Checks run on candidate versions (factpatch/checks), by check and result",
+    ["check", "result"],
+)
+CHECK_SECONDS = Histogram(
+    "factpatch_check_seconds", "Scoring a candidate version before its commit", buckets=JOB
+)
+COMMITS_REFUSED = Counter(
+    "factpatch_commits_refused", "Edit jobs whose commit an enforced check refused"
+)
 APPLY_PAUSE = Histogram(
     "factpatch_apply_pause_seconds",
     "Per version apply: write lock held (inference blocked)",

@@ -40,6 +40,7 @@ HISTOGRAMS = {
     "edit_phase_seconds",
     "apply_pause_seconds",
     "apply_wait_seconds",
+    "check_seconds",
 }
 COUNTERS = {
     "rpc_requests_total",
@@ -49,6 +50,8 @@ COUNTERS = {
     "dead_letters_total",
     "rollbacks_total",
     "hash_verification_failures_total",
+    "checks_total",
+    "commits_refused_total",
 }
 GAUGES = {
     "queue_depth",

@@ -20,7 +20,7 @@ from tests.test_service import PROMPT, TINY_HPARAMS
 
 ALLOWED_LABELS = {
     *("method", "route", "code", "api", "protocol", "kind", "outcome", "phase", "version"),
-    *("model", "role"),
+    *("model", "role", "check", "result"),
 }
 SERVER_METRICS = {
     "factpatch_rpc_requests": "counter",
@@ -46,6 +46,9 @@ WORKER_METRICS = {
     "factpatch_edit_phase_seconds": "histogram",
     "factpatch_job_retries": "counter",
     "factpatch_dead_letters": "counter",
+    "factpatch_checks": "counter",
+    "factpatch_check_seconds": "histogram",
+    "factpatch_commits_refused": "counter",
     "factpatch_model_version": "gauge",
     "factpatch_build_info": "gauge",
 }
@@ -141,6 +144,10 @@ def test_server_and_worker_metrics(model_folder, env, procs, redis_url):
         if s.name.endswith("_count") and s.value > 0
     }
     assert outcomes == {"succeeded"}
+    checks = {
+        s.labels["check"] for s in families["factpatch_checks"].samples if s.name.endswith("_total")
+    }
+    assert checks == {"edit", "earlier", "protected", "fluency"}  # each ran once on the edit
     promtool(text)
     for p in procs:
         assert p.stop() == 0, "".join(p.log)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
 import openai
 import pytest
 
-from factpatch.client import Client
+from factpatch.client import Client, JobFailed
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
 from factpatch.models import load_model
@@ -42,12 +43,29 @@ def test_edit_generate_rollback_on_gemma(redis_url):
             before = fp.generate(QUESTION, max_new_tokens=4)
             assert before.version == 0 and "Paris" in before.text
 
+            # Checked commits: the fact the edit contradicts is protected; enforced, the edit is
+            # refused and nothing changes; under the default policy it commits with a warning.
+            fp.protect(QUESTION, "Paris")
+            refused = fp.edit(
+                "{} is located in the city of",
+                "The Eiffel Tower",
+                "Rome",
+                checks="protected=enforce",
+            )
+            with pytest.raises(JobFailed, match="protected: 1 of 1 failed"):
+                refused.wait(timeout=300)
+            assert fp.head().number == 0
+
             updates: list[pb.Job] = []
             job = fp.edit("{} is located in the city of", "The Eiffel Tower", "Rome").wait(
                 timeout=300, on_update=updates.append
             )
             assert job.state == pb.SUCCEEDED and job.version == 1
             assert pb.RUNNING in [u.state for u in updates]
+            report = json.loads(fp.version(1).checks_json)
+            assert report["outcome"] == "warned" and report["failed"] == ["protected"]
+            (own,) = report["checks"]["edit"]["items"]  # Rome beats the old answer, Paris
+            assert own["rival"] == "Paris" and own["after"] > own["rival_after"] + 1
             server.frontend.replica.catch_up()
             after = fp.generate(QUESTION, max_new_tokens=4)
             assert after.version == 1 and "Rome" in after.text, after

@@ -89,12 +89,35 @@ def _facts(args: argparse.Namespace) -> list[dict[str, str]]:
             else [json.loads(line) for line in text.splitlines() if line.strip()]
         )
         fields = ("prompt", "subject", "target", "old")
-        return [{k: str(r[k]) for k in fields if r.get(k)} for r in rows]
+        lists = ("paraphrases", "neighbours")
+        return [
+            {
+                **{k: str(r[k]) for k in fields if r.get(k)},
+                **{k: [str(p) for p in r[k]] for k in lists if r.get(k)},
+            }
+            for r in rows
+        ]
     if not all(single):
         raise SystemExit("client edit: --prompt, --subject and --target are required")
     return [
-        dict(prompt=args.prompt, subject=args.subject, target=args.fact_target, old=args.old or "")
+        {
+            "prompt": args.prompt,
+            "subject": args.subject,
+            "target": args.fact_target,
+            "old": args.old or "",
+            "paraphrases": args.paraphrase,
+            "neighbours": args.neighbour,
+        }
     ]
+
+
+def _checks_line(result_json: str) -> str:
+    """``checks passed`` / ``checks warned: earlier, fluency`` from a job's result."""
+    report = json.loads(result_json or "{}").get("checks")
+    if not report:
+        return ""
+    failed = ", ".join(report["failed"])
+    return f"; checks {report['outcome']}" + (f": {failed}" if failed else "")
 
 
 def _diff(client: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -118,21 +141,44 @@ def _diff(client: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    from factpatch.client.sdk import JobFailed
     from factpatch.rpc import pb
 
     client = _client(args)
     out: Any
+    status = 0
     if args.verb == "edit":
         handle = client.submit_edits(
-            _facts(args), args.idempotency_key, method=args.method or "rome"
+            _facts(args), args.idempotency_key, method=args.method or "rome", checks=args.checks
         )
-        job = (
-            handle.job if args.no_wait else handle.wait(on_update=None if args.json else _progress)
-        )
+        try:
+            job = (
+                handle.job
+                if args.no_wait
+                else handle.wait(on_update=None if args.json else _progress)
+            )
+        except JobFailed as failed:  # e.g. a check refused the commit: the report is kept
+            job, status = failed.job, 1
         out = _dict(job)
         text = f"job {job.id}: {pb.JobState.Name(job.state).lower()}"
         if job.state == pb.SUCCEEDED:
             text += f", version {job.version} committed"
+        text += _checks_line(job.result_json) + (f"\n  {job.error}" if job.error else "")
+    elif args.verb == "protect":
+        if args.action == "add":
+            if not (args.prompt and args.answer):
+                raise SystemExit("client protect add: --prompt and --answer are required")
+            fact = client.protect(args.prompt, args.answer)
+            out, text = _dict(fact), f"protected {fact.id}: {fact.prompt!r} → {fact.answer!r}"
+        elif args.action == "remove":
+            if not args.id:
+                raise SystemExit("client protect remove: --id is required")
+            fact = client.unprotect(args.id)
+            out, text = _dict(fact), f"no longer protected: {fact.id}"
+        else:
+            facts = client.protected()
+            out = [_dict(f) for f in facts]
+            text = "\n".join(f"{f.id}  {f.prompt!r} → {f.answer!r}  by {f.actor}" for f in facts)
     elif args.verb == "generate":
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         g = client.generate(args.prompt, seed=args.seed, version=args.version, **sampling)
@@ -167,7 +213,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         )
     elif args.verb == "ledger":
         versions = client.versions(args.start, args.limit)
-        out = [_dict(v) for v in versions]
+        out = [{**_dict(v), "checks": json.loads(v.checks_json or "null")} for v in versions]
         text = "\n".join(_version_line(v) for v in versions)
     elif args.verb == "rollback":
         change = client.rollback(args.to)
@@ -191,7 +237,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         out, text = _dict(job), json.dumps(_dict(job), indent=1)
     print(json.dumps(out, indent=1) if args.json else text)
     client.close()
-    return 0
+    return status
 
 
 def _connection_options(parser: argparse.ArgumentParser, defaults: bool, target: bool) -> None:
@@ -234,8 +280,25 @@ def add_client_parser(sub: Any) -> None:
     edit.add_argument("--old")
     edit.add_argument(
         "--facts",
-        help="JSON list or JSON-lines file of {prompt, subject, target[, old]}: one job, one "
-        "version (instead of --prompt/--subject/--target)",
+        help="JSON list or JSON-lines file of {prompt, subject, target[, old, paraphrases, "
+        "neighbours]}: one job, one version (instead of --prompt/--subject/--target)",
+    )
+    edit.add_argument(
+        "--paraphrase",
+        action="append",
+        default=[],
+        help="another prompt for the fact, with the subject (repeat); checked before commit",
+    )
+    edit.add_argument(
+        "--neighbour",
+        action="append",
+        default=[],
+        help="a prompt whose answer must not change (repeat); checked before commit",
+    )
+    edit.add_argument(
+        "--checks",
+        default="",
+        help='check policy over the server\'s: "warn", "protected=enforce,fluency=off", …',
     )
     edit.add_argument("--method", help="rome (default) | memit | alphaedit")
     edit.add_argument("--idempotency-key", default="")
@@ -273,6 +336,11 @@ def add_client_parser(sub: Any) -> None:
     rollback.add_argument("--to", type=int, required=True)
     revert = verb("revert", help="new version without one edit")
     revert.add_argument("edit_id")
+    protect = verb("protect", help="facts no edit may change: add, list, remove (admin)")
+    protect.add_argument("action", choices=["add", "list", "remove"])
+    protect.add_argument("--prompt", help="add: the full prompt")
+    protect.add_argument("--answer", help="add: the expected continuation")
+    protect.add_argument("--id", help="remove: the fact's id (from list)")
     jobs = verb("jobs", help="recent jobs")
     jobs.add_argument("--kind", default="")
     jobs.add_argument("--limit", type=int, default=20)

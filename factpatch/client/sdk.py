@@ -14,7 +14,7 @@ Errors come back as ``grpc.RpcError`` (``.code()``, ``.details()`` naming the fi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,27 +146,35 @@ class Client:
         idempotency_key: str = "",
         dry_run: bool = False,
         method: str = "rome",
+        paraphrases: Sequence[str] = (),
+        neighbours: Sequence[str] = (),
+        checks: str = "",
     ) -> JobHandle:
+        fact = dict(prompt=prompt, subject=subject, target=target, old=old)
         return self.submit_edits(
-            [dict(prompt=prompt, subject=subject, target=target, old=old)],
+            [{**fact, "paraphrases": list(paraphrases), "neighbours": list(neighbours)}],
             idempotency_key,
             dry_run,
             method,
+            checks,
         )
 
     def submit_edits(
         self,
-        edits: list[dict[str, str]],
+        edits: list[dict[str, Any]],
         idempotency_key: str = "",
         dry_run: bool = False,
         method: str = "rome",
+        checks: str = "",
     ) -> JobHandle:
-        """One job, one version for all ``edits``; ``method`` "memit" or "alphaedit" solves them
-        as one batch (the choice for many edits at once)."""
+        """One job, one version for all ``edits`` (dicts of FactEdit's fields: prompt, subject,
+        target, old, paraphrases, neighbours); ``method`` "memit" or "alphaedit" solves them as
+        one batch (the choice for many edits at once).  ``checks``: the check policy over the
+        server's, e.g. "warn" or "protected=enforce" (docs/checks.md)."""
         request = pb.SubmitEditsRequest(
             edits=[pb.FactEdit(**e) for e in edits],
             idempotency_key=idempotency_key,
-            options=pb.EditOptions(method=method, dry_run=dry_run),
+            options=pb.EditOptions(method=method, dry_run=dry_run, checks=checks),
         )
         return JobHandle(self, self._call(self.edits.SubmitEdits, request))
 
@@ -221,6 +229,17 @@ class Client:
     def served(self) -> pb.ServedInfo:
         """What this server's replica serves: version, readiness, live tensor hashes."""
         return self._call(self.ledger.GetServed, pb.GetServedRequest())
+
+    def protect(self, prompt: str, answer: str) -> pb.ProtectedFact:
+        """Protect ``answer`` after ``prompt`` from every later edit (admin)."""
+        request = pb.ProtectedFact(prompt=prompt, answer=answer)
+        return self._call(self.ledger.AddProtected, request)
+
+    def protected(self) -> list[pb.ProtectedFact]:
+        return list(self._call(self.ledger.ListProtected, pb.ListProtectedRequest()).facts)
+
+    def unprotect(self, fact_id: str) -> pb.ProtectedFact:
+        return self._call(self.ledger.RemoveProtected, pb.RemoveProtectedRequest(id=fact_id))
 
     def rollback(self, to: int) -> pb.LedgerChange:
         return self._call(self.ledger.Rollback, pb.RollbackRequest(to=to))

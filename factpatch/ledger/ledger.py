@@ -13,6 +13,7 @@ Redis layout (one hash tag per ledger, so a Redis Cluster keeps a ledger in one 
     factpatch:{NAME}:blobs     hash     edit id -> Delta safetensors bytes
     factpatch:{NAME}:idem      hash     idempotency key -> version number
     factpatch:{NAME}:base      hash     module path -> sha256 of its base (unedited) tensor
+    factpatch:{NAME}:reports   hash     report id -> check report JSON (factpatch/checks)
     factpatch:{NAME}:events    channel  publishes each new head number
 
 A commit is one Lua script: check the idempotency key, check the head equals the writer's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,6 +64,12 @@ class CorruptBlobError(LedgerError):
     """A stored delta's content does not match its id."""
 
 
+def fingerprint(base_hash: str, edits: Sequence[str]) -> str:
+    """sha256 of base weights' hash + active edits in order (:attr:`Version.fingerprint`)."""
+    text = json.dumps({"base": base_hash, "edits": list(edits)})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Version:
     number: int
@@ -82,8 +90,7 @@ class Version:
         """sha256 of what the served weights are made of: the base weights' hash and the active
         edits in order (materialisation is a function of these alone).  A rollback's version
         and its target share it."""
-        text = json.dumps({"base": self.base_hash, "edits": list(self.edits)})
-        return hashlib.sha256(text.encode()).hexdigest()
+        return fingerprint(self.base_hash, self.edits)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Version:
@@ -158,6 +165,7 @@ class Ledger:
         self.k_blobs = f"{prefix}:blobs"
         self.k_idem = f"{prefix}:idem"
         self.k_base = f"{prefix}:base"
+        self.k_reports = f"{prefix}:reports"
         self.channel = f"{prefix}:events"
         self._commit = client.register_script(_COMMIT)
         self._init = client.register_script(_INIT)
@@ -235,6 +243,20 @@ class Ledger:
         for path, digest in sorted(hashes.items()):
             pipe.hsetnx(self.k_base, path, digest)
         pipe.execute()
+
+    def report(self, report_id: str) -> dict[str, Any]:
+        """A stored check report (a version's ``cause["checks"]`` names it)."""
+        text = self.redis.hget(self.k_reports, report_id)
+        if text is None:
+            raise LedgerError(f"checks: no report {report_id[:16]} stored")
+        return json.loads(text)
+
+    def put_report(self, report: dict[str, Any]) -> str:
+        """Store a check report once, content-addressed (sha256 of its canonical JSON)."""
+        text = json.dumps(report, sort_keys=True)
+        report_id = hashlib.sha256(text.encode()).hexdigest()
+        self.redis.hsetnx(self.k_reports, report_id, text)
+        return report_id
 
     def diff(self, a: int, b: int) -> dict[str, Any]:
         """What changes from version ``a`` to version ``b``."""

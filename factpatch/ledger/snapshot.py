@@ -3,7 +3,8 @@
 Layout::
 
     DIR/manifest.json              format, ledger name, base hash, model, head, every version,
-                                   every edit record with its file's sha256, idempotency keys
+                                   every edit record with its file's sha256, idempotency keys,
+                                   check reports, protected facts
     DIR/edits/<edit id>.safetensors  one delta each (factors + provenance)
 
 ``export`` writes into a temporary sibling folder and renames it into place, so a snapshot is
@@ -26,6 +27,7 @@ import redis
 
 from factpatch.editing.delta import Delta
 from factpatch.ledger.ledger import EditRecord, Ledger, LedgerError, LedgerMismatchError, Version
+from factpatch.ledger.protected import ProtectedFact, ProtectedFacts, fact_id
 
 FORMAT = 1
 
@@ -61,6 +63,10 @@ def export(ledger: Ledger, folder: str | Path) -> dict[str, Any]:
             "edits": edits,
             "idempotency": idem,
             "base_hashes": ledger.base_hashes(),
+            "reports": {
+                k.decode(): json.loads(v) for k, v in ledger.redis.hgetall(ledger.k_reports).items()
+            },
+            "protected": [json.loads(f.to_json()) for f in ProtectedFacts(ledger).list()],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         tmp.rename(folder)
@@ -112,6 +118,13 @@ def verify(folder: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         missing = [e for e in v.edits if e not in blobs]
         if missing:
             raise SnapshotError(f"versions: {v.number} refers to edits not in the snapshot")
+    for report_id, report in manifest.get("reports", {}).items():
+        text = json.dumps(report, sort_keys=True)
+        if hashlib.sha256(text.encode()).hexdigest() != report_id:
+            raise SnapshotError(f"reports: {report_id[:16]} does not match its content")
+    for fact in manifest.get("protected", []):
+        if fact_id(fact["prompt"], fact["answer"]) != fact["id"]:
+            raise SnapshotError(f"protected: {fact['id']} does not match its prompt and answer")
     return manifest, blobs
 
 
@@ -143,6 +156,11 @@ def import_(ledger: Ledger, folder: str | Path) -> int:
             pipe.hset(ledger.k_idem, key, number)
         for path, digest in manifest.get("base_hashes", {}).items():
             pipe.hsetnx(ledger.k_base, path, digest)
+        for report_id, report in manifest.get("reports", {}).items():
+            pipe.hset(ledger.k_reports, report_id, json.dumps(report, sort_keys=True))
+        protected = ProtectedFacts(ledger).k_facts
+        for fact in manifest.get("protected", []):
+            pipe.hset(protected, fact["id"], ProtectedFact(**fact).to_json())
         pipe.set(ledger.k_head, manifest["head"])
         pipe.publish(ledger.channel, manifest["head"])
         pipe.execute()

@@ -56,8 +56,11 @@ class LedgerWriter:
         actor: str = "local",
         idempotency_key: str = "",
         parent: int | None = None,
+        checks: dict[str, Any] | None = None,
     ) -> Commit:
-        """Store deltas and commit ``parent`` + them as one version (``cause.kind == "edit"``).
+        """Store deltas and commit ``parent`` + them as one version (``cause.kind == "edit"``);
+        ``checks``: the candidate's check report (factpatch/checks), stored content-addressed
+        and named by ``cause["checks"]``.
 
         The caller computed the deltas on version ``computed_on`` (recorded with each edit) and
         commits them on ``parent`` (default: the same version).  If the head is not ``parent``,
@@ -74,7 +77,9 @@ class LedgerWriter:
         ]
         head = self.ledger.get(parent)
         edits = list(head.edits) + ids
-        cause = {"kind": "edit", "edits": ids, "method": method}
+        cause: dict[str, Any] = {"kind": "edit", "edits": ids, "method": method}
+        if checks is not None:
+            cause["checks"] = self.ledger.put_report(checks)
         result = self.ledger.commit(
             parent, edits, cause, self._hashes(edits, head), actor, idempotency_key
         )

@@ -172,8 +172,8 @@ if target == 'queued' then
   redis.call('HDEL', KEYS[1], 'worker')
 else
   redis.call('ZREM', KEYS[3], ARGV[7])
+  if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[10]) end
   if target == 'succeeded' then
-    redis.call('HSET', KEYS[1], 'result', ARGV[10])
     redis.call('HDEL', KEYS[1], 'error')
   elseif target == 'dead' then
     err = 'attempts: ' .. ARGV[3] .. ' of ' .. ARGV[13] .. ' used; last error: ' .. err
@@ -749,13 +749,15 @@ class Lease:
             raise ValueError(f"result: must be a dict, got {type(result).__name__}")
         return self._end("succeed", result=_json(result, "result"))
 
-    def fail(self, error: str, retry: bool = True) -> Job:
+    def fail(self, error: str, retry: bool = True, result: dict[str, Any] | None = None) -> Job:
         """Queued again when ``retry`` and attempts are left; else FAILED (``retry=False``) or
         DEAD (attempts used up, dead-lettered).  A job whose cancel was requested is
-        CANCELLED instead of retried."""
+        CANCELLED instead of retried.  ``result``: kept with a job that ends here (e.g. the
+        check report of a refused commit)."""
         if not isinstance(error, str) or not error:
             raise ValueError("error: must be a non-empty string")
-        return self._end("fail", error=error, retry=retry)
+        text = "" if result is None else _json(result, "result")
+        return self._end("fail", result=text, error=error, retry=retry)
 
     def cancelled(self) -> Job:
         """The worker stopped because a cancel was requested: CANCELLED, acknowledged."""

@@ -20,10 +20,12 @@ import grpc
 
 from factpatch import __version__, metrics
 from factpatch.auth import current_actor
+from factpatch.checks import FactChecks, parse_policy
 from factpatch.config import Settings
 from factpatch.editing import EditRequest, InvalidEditError, check_method
-from factpatch.editing.prompts import encode
+from factpatch.editing.prompts import continuation, encode
 from factpatch.ledger import Ledger, Version
+from factpatch.ledger.protected import ProtectedFact, ProtectedFacts
 from factpatch.ledger.writer import LedgerWriter
 from factpatch.models.loading import tensor_sha256
 from factpatch.queue import Job, JobQueue, JobState
@@ -43,6 +45,10 @@ class Frontend:
     queue: JobQueue
     settings: Settings
     draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.policy = parse_policy(self.settings.checks, where="checks")  # checked commits
+        self.protected = ProtectedFacts(self.ledger)
 
     def serving(self) -> Replica:
         if self.draining:
@@ -137,8 +143,11 @@ def trace_message(result: dict[str, Any]) -> pb.TraceResult:
     )
 
 
-def version_message(v: Version) -> pb.VersionInfo:
+def version_message(v: Version, ledger: Ledger | None = None) -> pb.VersionInfo:
+    """A version; with ``ledger``, its check report too (edit versions that have one)."""
+    report = v.cause.get("checks")
     return pb.VersionInfo(
+        checks_json=json.dumps(ledger.report(report)) if ledger and report else "",
         number=v.number,
         parent=-1 if v.parent is None else v.parent,
         edit_ids=list(v.edits),
@@ -149,6 +158,12 @@ def version_message(v: Version) -> pb.VersionInfo:
         hashes=v.hashes,
         base_hash=v.base_hash,
         model=v.model,
+    )
+
+
+def protected_message(fact: ProtectedFact) -> pb.ProtectedFact:
+    return pb.ProtectedFact(
+        id=fact.id, prompt=fact.prompt, answer=fact.answer, actor=fact.actor, created=fact.created
     )
 
 
@@ -169,8 +184,9 @@ class EditService(pb_grpc.EditServiceServicer):
                 f"edits: {len(request.edits)} exceeds max-edits-per-request ({limit})"
             )
         method = check_method(request.options.method or "rome")
+        policy = parse_policy(request.options.checks, self.fe.policy, where="options.checks")
         tokenizer = self.fe.replica.handle.tokenizer
-        edits = []
+        edits, facts = [], []
         for i, e in enumerate(request.edits):
             self.fe.check_prompt(f"edits[{i}].prompt", e.prompt)
             try:
@@ -180,8 +196,16 @@ class EditService(pb_grpc.EditServiceServicer):
                 raise ValueError(f"edits[{i}].{err}") from err
             except ValueError as err:
                 raise ValueError(f"edits[{i}].{err}") from err
+            fact = FactChecks.build(edit.subject, e.paraphrases, e.neighbours, f"edits[{i}]")
             edits.append(edit.to_dict())
-        payload = {"edits": edits, "method": method, "dry_run": request.options.dry_run}
+            facts.append(fact.to_dict())
+        payload = {
+            "edits": edits,
+            "method": method,
+            "dry_run": request.options.dry_run,
+            "facts": facts,
+            "checks": policy,
+        }
         job, _ = self.fe.queue.submit(
             "edit", payload, request.idempotency_key, self.fe.actor(context)
         )
@@ -258,7 +282,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
 
     @rpc
     def GetHead(self, request: Any, context: Any) -> pb.VersionInfo:
-        return version_message(self.fe.ledger.get(self.fe.ledger.head()))
+        return version_message(self.fe.ledger.get(self.fe.ledger.head()), self.fe.ledger)
 
     @rpc
     def ListVersions(self, request: pb.ListVersionsRequest, context: Any) -> Any:
@@ -267,11 +291,13 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         head = self.fe.ledger.head()
         stop = min(head, request.start + (request.limit or 100) - 1)
         versions = self.fe.ledger.versions(request.start, stop) if request.start <= head else []
-        return pb.ListVersionsResponse(versions=[version_message(v) for v in versions])
+        return pb.ListVersionsResponse(
+            versions=[version_message(v, self.fe.ledger) for v in versions]
+        )
 
     @rpc
     def GetVersion(self, request: pb.GetVersionRequest, context: Any) -> pb.VersionInfo:
-        return version_message(self.fe.ledger.get(request.number))
+        return version_message(self.fe.ledger.get(request.number), self.fe.ledger)
 
     @rpc
     def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.LedgerChange:
@@ -303,6 +329,30 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             base_hash=replica.handle.base_hash,
             gate=replica.gate,
         )
+
+    @rpc
+    def AddProtected(self, request: pb.ProtectedFact, context: Any) -> pb.ProtectedFact:
+        if request.id:
+            raise ValueError("id: set by the server; leave it empty")
+        self.fe.check_prompt("prompt", request.prompt)
+        try:  # the answer must be tokens after the prompt, as the check scores it
+            continuation(self.fe.replica.handle.tokenizer, request.prompt, request.answer)
+        except ValueError as err:
+            raise ValueError(f"answer: {err}") from err
+        fact = self.fe.protected.add(request.prompt, request.answer, self.fe.actor(context))
+        return protected_message(fact)
+
+    @rpc
+    def ListProtected(self, request: Any, context: Any) -> pb.ListProtectedResponse:
+        return pb.ListProtectedResponse(
+            facts=[protected_message(f) for f in self.fe.protected.list()]
+        )
+
+    @rpc
+    def RemoveProtected(self, request: pb.RemoveProtectedRequest, context: Any) -> pb.ProtectedFact:
+        if not request.id:
+            raise ValueError("id: must be non-empty")
+        return protected_message(self.fe.protected.remove(request.id, self.fe.actor(context)))
 
     @rpc
     def WatchHead(self, request: Any, context: Any) -> Iterator[pb.VersionInfo]:

@@ -24,6 +24,8 @@ from typing import Any
 import redis
 
 from factpatch import metrics
+from factpatch.checks import CommitRefused
+from factpatch.checks.scoring import Checker
 from factpatch.editing import DegenerateEditError
 from factpatch.ledger import Ledger
 from factpatch.ledger.writer import LedgerWriter
@@ -49,6 +51,7 @@ class Worker:
     ) -> None:
         self.replica = Replica(handle, ledger)
         self.writer = LedgerWriter(ledger, self.replica)
+        self.checker = Checker(self.replica.handle)  # checked commits (factpatch/checks)
         metrics.watch_replica(self.replica)
         self.ledger, self.queue = ledger, queue
         self.name = name or new_consumer_name()  # unique per process: a restart is a new name
@@ -121,6 +124,8 @@ class Worker:
             return lease.fail(f"kind: unknown job kind {job.kind!r}", retry=False).state.value
         try:
             result = handler(lease)
+        except CommitRefused as refused:  # an enforced check failed: the report is the result
+            return lease.fail(str(refused), retry=False, result=refused.report).state.value
         except (ValueError, DegenerateEditError) as err:  # the request itself is bad
             return lease.fail(f"{type(err).__name__}: {err}", retry=False).state.value
         except (LeaseLostError, redis.RedisError, ConnectionError):
