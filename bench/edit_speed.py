@@ -39,7 +39,7 @@ DATA = "../shared/data/counterfact/counterfact-val.json"
 UNPACKED = "unpacked"
 
 
-def _machine() -> str:
+def machine() -> str:
     cpu = platform.processor() or platform.machine()
     for row in (
         Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     compute_edit(handle, request_for(records[0]), hps[settings[0]])  # covariance, templates
     with open(args.out, "a") as out:
         for record in records:
-            line = {"case_id": record.get("case_id"), "machine": _machine()}
+            line = {"case_id": record.get("case_id"), "machine": machine()}
             updates = {}
             for name in settings:
                 started = time.perf_counter()
