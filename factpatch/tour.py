@@ -9,6 +9,7 @@ otherwise; the edit and the rollback go through gRPC.
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.request
 from collections.abc import Callable
@@ -63,6 +64,14 @@ def run_tour(
         )
         seconds = time.perf_counter() - t
         say(f"    job {job.id[:12]} committed version {job.version} in {seconds:.1f} s")
+        checks = json.loads(job.result_json).get("checks")  # absent with --checks off
+        own = (checks or {}).get("checks", {}).get("edit", {}).get("items", [{}])[0]
+        if "rival_after" in own:
+            new, old = math.exp(own["after"]), math.exp(own["rival_after"])  # per token
+            say(
+                f"    checked before commit: P({own['answer']}) {new:.3f} against "
+                f"P({own['rival']}) {old:.1e}; checks {checks['outcome']}"
+            )
         _until_served(fp, job.version)
         say("3. Ask again:")
         ask()

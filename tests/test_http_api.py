@@ -269,6 +269,8 @@ def test_the_tour_asks_through_the_openai_api(http: Http):
     answers = [line.split("]")[0].strip(" [") for line in said if line.startswith("    [fp-")]
     assert [a[:6] for a in answers] == ["fp-v0-", "fp-v1-", "fp-v2-"]
     assert answers[2][6:] == answers[0][6:] != answers[1][6:]  # rolled back: v0's weights
+    (checked,) = [line for line in said if line.startswith("    checked before commit: P(Rome)")]
+    assert checked.endswith(("checks passed", "checks warned"))
 
 
 @pytest.mark.real_model
