@@ -347,3 +347,35 @@ def test_worker_killed_after_its_check_loses_nothing(model_folder, redis_url, en
     done = job.wait(timeout=180)
     assert done.version == 1 and done.attempts == 2 and ledger.head() == 1
     assert ledger.report(ledger.get(1).cause["checks"])["outcome"] in ("passed", "warned")
+
+
+def test_cli_protects_facts_and_edits_with_paraphrases_and_a_policy(checked: Stack, capsys):
+    from factpatch.cli import main
+
+    client = ["client", "--target", checked.target, "--json"]
+    assert main([*client, "protect", "add", "--prompt", EIFFEL, "--answer", "Paris"]) == 0
+    fact = json.loads(capsys.readouterr().out)
+    assert fact["prompt"] == EIFFEL and fact["answer"] == "Paris" and len(fact["id"]) == 16
+    assert main([*client, "protect", "list"]) == 0
+    assert [f["id"] for f in json.loads(capsys.readouterr().out)] == [fact["id"]]
+    with pytest.raises(SystemExit, match="--id is required"):
+        main([*client, "protect", "remove"])
+
+    flags = ["--prompt", PROMPT, "--subject", "The Eiffel Tower", "--target", "Rome"]
+    flags += ["--paraphrase", "Where is The Eiffel Tower? In the city of", "--checks", "warn"]
+    assert main([*client, "edit", *flags]) == 0
+    job = json.loads(capsys.readouterr().out)
+    report = json.loads(job["result_json"])["checks"]
+    assert job["state"] == "SUCCEEDED" and report["policy"] == dict.fromkeys(CHECKS, "warn")
+    assert [i["prompt"] for i in report["checks"]["edit"]["items"]] == [
+        EIFFEL,
+        "Where is The Eiffel Tower? In the city of",
+    ]
+    # Without --json: one line with the outcome.
+    assert main(["client", "--target", checked.target, "edit", *flags]) == 0
+    assert "version 2 committed; checks " in capsys.readouterr().out
+
+    assert main([*client, "protect", "remove", "--id", fact["id"]]) == 0
+    capsys.readouterr()
+    assert main([*client, "protect", "list"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

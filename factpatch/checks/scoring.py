@@ -191,7 +191,7 @@ class Checker:
     def _greedy(self, prompts: list[str]) -> list[str]:
         """The computed-on version's greedy answer to each prompt: the first word of its
         greedy continuation (4 tokens), without surrounding punctuation; "" when there is none
-        (a special token first, or bytes that do not decode)."""
+        (a special token first, or bytes that do not decode to printable text)."""
         if not prompts:
             return []
         out = generate(self.handle.model, self.handle.tokenizer, prompts, max_new_tokens=4)
@@ -199,7 +199,8 @@ class Checker:
         for g in out:
             words = g.text.split()
             word = words[0].strip(PUNCTUATION) if words else ""
-            blank = not g.token_ids or g.token_ids[0] in self.special or "\ufffd" in word
+            undecodable = "\ufffd" in word or not word.isprintable()
+            blank = not g.token_ids or g.token_ids[0] in self.special or undecodable
             answers.append("" if blank else word)
         return answers
 
