@@ -24,8 +24,10 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,9 @@ METHOD_SCOPES: dict[str, str | None] = {
             "ModelInfer",
         )
     },
+    **{
+        f"/factpatch.v1.TokenService/{m}": _ADMIN for m in ("AddToken", "RevokeToken", "ListTokens")
+    },
     "/grpc.health.v1.Health/Check": None,
     "/grpc.health.v1.Health/Watch": None,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _INFER,
@@ -100,20 +105,104 @@ class Token:
 
 
 class TokenStore:
+    """The bootstrap tokens (file, environment, data dir) and, once :meth:`attach` is called,
+    the tokens issued while the service runs (:class:`IssuedTokens`)."""
+
     def __init__(self, tokens: list[Token]) -> None:
         for t in tokens:
             bad = set(t.scopes) - set(SCOPES)
             if bad:
                 raise ValueError(f"tokens: {t.name!r} has unknown scopes {sorted(bad)}")
         self.tokens = tokens
+        self.issued: IssuedTokens | None = None
+
+    def attach(self, issued: IssuedTokens) -> None:
+        self.issued = issued
 
     def authenticate(self, presented: str) -> Token | None:
         digest = token_sha256(presented)
         found = None
-        for t in self.tokens:  # compare with every entry: no early exit
+        issued = self.issued.current if self.issued is not None else []
+        for t in [*self.tokens, *issued]:  # compare with every entry: no early exit
             if hmac.compare_digest(digest, t.sha256):
                 found = t
         return found
+
+
+class UnknownTokenError(KeyError):
+    pass
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+class IssuedTokens:
+    """Tokens added and revoked while the service runs, kept hashed in Redis beside the ledger.
+
+    Every server reads them with :meth:`refresh` (its health loop calls it every 0.2 s: one GET
+    of the revision counter, the hash re-read only when it moved), so a token added through one
+    server works on every server, and a revoked one is refused, within a second.  Each change is
+    appended to the ledger's audit stream.  Redis layout (same hash tag as the ledger)::
+
+        factpatch:{NAME}:tokens       hash    name -> {name, sha256, scopes, actor, created}
+        factpatch:{NAME}:tokens:rev   string  bumped by every change
+    """
+
+    def __init__(self, client: Any, ledger_name: str) -> None:
+        self.redis = client
+        prefix = f"factpatch:{{{ledger_name}}}"
+        self.k_tokens, self.k_rev = f"{prefix}:tokens", f"{prefix}:tokens:rev"
+        self.k_audit = f"{prefix}:audit"
+        self.current: list[Token] = []
+        self._rev: bytes | None = None
+
+    def add(self, name: str, scopes: list[str], actor: str) -> str:
+        """Issue a new token; returns it (the only time it exists in clear)."""
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError("name: 1–64 letters, digits or . _ @ -, first a letter or digit")
+        if not scopes or set(scopes) - set(SCOPES):
+            raise ValueError(f"scopes: one or more of {SCOPES}, got {list(scopes)}")
+        token = secrets.token_urlsafe(32)
+        entry = {
+            "name": name,
+            "sha256": token_sha256(token),
+            "scopes": sorted(set(scopes)),
+            "actor": actor,
+            "created": time.time(),
+        }
+        if not self.redis.hsetnx(self.k_tokens, name, json.dumps(entry)):
+            raise FileExistsError(f"name: a token named {name!r} exists; revoke it first")
+        self._changed("token-add", name, actor)
+        return token
+
+    def revoke(self, name: str, actor: str) -> dict[str, Any]:
+        text = self.redis.hget(self.k_tokens, name)
+        if text is None or not self.redis.hdel(self.k_tokens, name):
+            raise UnknownTokenError(f"name: no issued token named {name!r}")
+        self._changed("token-revoke", name, actor)
+        return _public(json.loads(text))
+
+    def list(self) -> list[dict[str, Any]]:
+        entries = [json.loads(t) for t in self.redis.hvals(self.k_tokens)]
+        return sorted((_public(e) for e in entries), key=lambda e: e["created"])
+
+    def refresh(self) -> None:
+        """Re-read the tokens if the revision moved (Redis away: keep the last known set)."""
+        rev = self.redis.get(self.k_rev)
+        if rev == self._rev and self._rev is not None:
+            return
+        entries = [json.loads(t) for t in self.redis.hvals(self.k_tokens)]
+        self.current = [Token(e["name"], e["sha256"], frozenset(e["scopes"])) for e in entries]
+        self._rev = rev
+
+    def _changed(self, action: str, name: str, actor: str) -> None:
+        self.redis.incr(self.k_rev)
+        entry = {"action": action, "id": name, "actor": actor, "time": repr(time.time())}
+        self.redis.xadd(self.k_audit, entry, maxlen=100_000, approximate=True)
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("name", "scopes", "actor", "created")}
 
 
 def load_tokens(tokens_file: str | None = None, data_dir: str | Path | None = None) -> TokenStore:
@@ -189,15 +278,22 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     f"authorization: token {token.name!r} lacks the {scope!r} scope",
                 )
             actor = token.name
+        presented = header[7:].strip() if self.store is not None and scope is not None else None
         if handler.unary_unary:
             return handler._replace(unary_unary=_as(actor, handler.unary_unary))
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._stream(actor, handler.unary_stream))
+            stream = self._stream(actor, presented, handler.unary_stream)
+            return handler._replace(unary_stream=stream)
         if handler.stream_stream:  # reflection
             return handler._replace(stream_stream=_as_stream(actor, handler.stream_stream))
         return handler
 
-    def _stream(self, actor: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _stream(
+        self, actor: str, presented: str | None, fn: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """Cap the caller's open streams; before each message, check that its token still
+        authenticates (a token revoked mid-stream ends the stream, UNAUTHENTICATED)."""
+
         def call(request: Any, context: Any) -> Any:
             with self.lock:
                 if self.streams.get(actor, 0) >= self.max_streams:
@@ -208,7 +304,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 self.streams[actor] = self.streams.get(actor, 0) + 1
             try:
                 current_actor.set(actor)
-                yield from fn(request, context)
+                for message in fn(request, context):
+                    if presented is not None and self.store.authenticate(presented) is None:
+                        context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: revoked")
+                    yield message
             finally:
                 with self.lock:
                     self.streams[actor] -= 1

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_service_parsers(sub: Any) -> None:
-    from factpatch.client.cli import add_client_parser
+    from factpatch.client.cli import add_client_parser, add_tokens_parser
     from factpatch.config import Settings, add_options
 
     def run(role: str) -> Any:
@@ -325,6 +325,7 @@ def _add_service_parsers(sub: Any) -> None:
             parser.add_argument("--tour", action="store_true", help="run the worked example")
         parser.set_defaults(func=run(role))
     add_client_parser(sub)
+    add_tokens_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

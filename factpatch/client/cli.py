@@ -347,3 +347,35 @@ def add_client_parser(sub: Any) -> None:
     job = verb("job", help="one job")
     job.add_argument("job_id")
     client.set_defaults(func=cmd_client)
+
+
+def add_tokens_parser(sub: Any) -> None:
+    """``factpatch tokens add|revoke|list``: bearer tokens issued while the service runs."""
+    tokens = sub.add_parser("tokens", help="issue, revoke and list bearer tokens (admin)")
+    _connection_options(tokens, defaults=True, target=True)
+    verbs = tokens.add_subparsers(dest="verb", required=True)
+    add = verbs.add_parser("add", help="issue a token; printed once")
+    add.add_argument("name", help="its name: the actor the ledger records")
+    add.add_argument("--scope", action="append", required=True, choices=["infer", "edit", "admin"])
+    revoke = verbs.add_parser("revoke", help="refused by every server within a second")
+    revoke.add_argument("name")
+    verbs.add_parser("list", help="issued tokens (names, scopes, who, when; never the tokens)")
+    tokens.set_defaults(func=cmd_tokens)
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.verb == "add":
+        issued = client.add_token(args.name, args.scope)
+        out = _dict(issued)
+        text = f"token {issued.name} ({', '.join(issued.scopes)}): {issued.token}"
+    elif args.verb == "revoke":
+        issued = client.revoke_token(args.name)
+        out, text = _dict(issued), f"revoked {issued.name}"
+    else:
+        listed = client.list_tokens()
+        out = [_dict(t) for t in listed]
+        text = "\n".join(f"{t.name}  {','.join(t.scopes)}  by {t.actor}" for t in listed)
+    print(json.dumps(out, indent=1) if args.json else text)
+    client.close()
+    return 0

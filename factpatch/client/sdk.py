@@ -103,6 +103,7 @@ class Client:
         self.traces = pb_grpc.TraceServiceStub(self.channel)
         self.ledger = pb_grpc.LedgerServiceStub(self.channel)
         self.gen = pb_grpc.GenerateServiceStub(self.channel)
+        self.tokens = pb_grpc.TokenServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -240,6 +241,17 @@ class Client:
 
     def unprotect(self, fact_id: str) -> pb.ProtectedFact:
         return self._call(self.ledger.RemoveProtected, pb.RemoveProtectedRequest(id=fact_id))
+
+    def add_token(self, name: str, scopes: Sequence[str]) -> pb.IssuedToken:
+        """Issue a bearer token (admin); its ``token`` is shown this once."""
+        request = pb.AddTokenRequest(name=name, scopes=list(scopes))
+        return self._call(self.tokens.AddToken, request)
+
+    def revoke_token(self, name: str) -> pb.IssuedToken:
+        return self._call(self.tokens.RevokeToken, pb.RevokeTokenRequest(name=name))
+
+    def list_tokens(self) -> list[pb.IssuedToken]:
+        return list(self._call(self.tokens.ListTokens, pb.ListTokensRequest()).tokens)
 
     def rollback(self, to: int) -> pb.LedgerChange:
         return self._call(self.ledger.Rollback, pb.RollbackRequest(to=to))

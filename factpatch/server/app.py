@@ -19,6 +19,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -70,11 +71,17 @@ class Server:
         return self
 
     def _watch_health(self) -> None:
+        """Every 0.2 s: the health status, and the issued tokens (a change made through any
+        server is in force here within a second)."""
         while not self._stop.is_set():
             ok = self.frontend.replica.ready and not self.frontend.draining
             status = SERVING if ok else NOT_SERVING
             for name in ["", *self.services]:
                 self.health.set(name, status)
+            try:
+                self.frontend.tokens.refresh()
+            except (redis.RedisError, ConnectionError) as err:  # keep the last known tokens
+                log.warning("tokens: Redis unreachable (%s); keeping the last known set", err)
             self._stop.wait(0.2)
 
     @property
@@ -110,6 +117,9 @@ def build_server(
 ) -> Server:
     """A server for ``handle``; ``auth=None`` serves without tokens (tests, --insecure-no-auth)."""
     frontend = Frontend(Replica(handle, ledger, gate=settings.gate), ledger, queue, settings)
+    if auth is not None:
+        frontend.tokens.refresh()  # the issued tokens are in force from the first call
+        auth.attach(frontend.tokens)
     metrics.watch_replica(frontend.replica)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),

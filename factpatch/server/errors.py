@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from factpatch.auth import UnknownTokenError
 from factpatch.ledger import (
     CorruptBlobError,
     LedgerMismatchError,
@@ -22,6 +23,7 @@ from factpatch.ledger import (
     UnknownEditError,
     UnknownVersionError,
 )
+from factpatch.ledger.protected import UnknownProtectedError
 from factpatch.queue import UnknownJobError
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,15 @@ class LimitExceeded(ValueError):
 
 
 def status_for(err: BaseException) -> grpc.StatusCode:
-    if isinstance(err, (UnknownVersionError, UnknownEditError, UnknownJobError)):
+    if isinstance(
+        err,
+        (UnknownVersionError, UnknownEditError, UnknownJobError, UnknownProtectedError),
+    ):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(err, UnknownTokenError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(err, FileExistsError):
+        return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(err, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, ValueError):

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from factpatch import __version__, metrics
-from factpatch.auth import current_actor
+from factpatch.auth import IssuedTokens, current_actor
 from factpatch.checks import FactChecks, parse_policy
 from factpatch.config import Settings
 from factpatch.editing import EditRequest, InvalidEditError, check_method
@@ -49,6 +49,7 @@ class Frontend:
     def __post_init__(self) -> None:
         self.policy = parse_policy(self.settings.checks, where="checks")  # checked commits
         self.protected = ProtectedFacts(self.ledger)
+        self.tokens = IssuedTokens(self.ledger.redis, self.ledger.name)  # auth.py
 
     def serving(self) -> Replica:
         if self.draining:
@@ -550,6 +551,33 @@ def _sampling(params: Any, settings: Settings) -> Sampling:
     )
 
 
+# -------------------------------------------------------------------------------- tokens
+
+
+class TokenService(pb_grpc.TokenServiceServicer):
+    """Tokens issued while the service runs (admin only; auth.IssuedTokens)."""
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+
+    @rpc
+    def AddToken(self, request: pb.AddTokenRequest, context: Any) -> pb.IssuedToken:
+        actor = self.fe.actor(context)
+        token = self.fe.tokens.add(request.name, list(request.scopes), actor)
+        (entry,) = [e for e in self.fe.tokens.list() if e["name"] == request.name]
+        return pb.IssuedToken(token=token, **entry)
+
+    @rpc
+    def RevokeToken(self, request: pb.RevokeTokenRequest, context: Any) -> pb.IssuedToken:
+        if not request.name:
+            raise ValueError("name: must be non-empty")
+        return pb.IssuedToken(**self.fe.tokens.revoke(request.name, self.fe.actor(context)))
+
+    @rpc
+    def ListTokens(self, request: Any, context: Any) -> pb.ListTokensResponse:
+        return pb.ListTokensResponse(tokens=[pb.IssuedToken(**e) for e in self.fe.tokens.list()])
+
+
 def add_servicers(server: grpc.Server, fe: Frontend) -> list[str]:
     """Register every service; returns their full names (for reflection)."""
     pb_grpc.add_EditServiceServicer_to_server(EditService(fe), server)
@@ -557,7 +585,8 @@ def add_servicers(server: grpc.Server, fe: Frontend) -> list[str]:
     pb_grpc.add_LedgerServiceServicer_to_server(LedgerService(fe), server)
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateService(fe), server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(fe), server)
+    pb_grpc.add_TokenServiceServicer_to_server(TokenService(fe), server)
     return [
         pb.DESCRIPTOR.services_by_name[s].full_name
-        for s in ("EditService", "TraceService", "LedgerService", "GenerateService")
+        for s in ("EditService", "TraceService", "LedgerService", "GenerateService", "TokenService")
     ] + [oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
