@@ -308,6 +308,10 @@ def test_bad_check_fields_name_the_field_and_queue_nothing(checked: Stack):
     with pytest.raises(grpc.RpcError) as info:
         fp.protect(EIFFEL, "")
     assert info.value.details().startswith("answer:")
+    with pytest.raises(grpc.RpcError) as info:
+        fp.unprotect("0123456789abcdef")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert info.value.details().startswith("id: no protected fact")
     assert fp.jobs() == [] and fp.protected() == []
 
 
