@@ -235,7 +235,9 @@ def chaos_loop(
         print(f"chaos: {role} killed and back in {time.time() - killed:.1f} s", flush=True)
 
 
-def audit(stack: Stack, rec: Record, timeout: float) -> dict[str, Any]:
+def audit(stack: Any, rec: Record, timeout: float, serve_timeout: float = 60.0) -> dict[str, Any]:
+    """Read back everything the clients were told (``stack``: anything with ``ledger()`` and
+    ``target(i)`` for the two servers); ``problems`` lists each loss."""
     ledger, queue = stack.ledger()
     deadline = time.monotonic() + timeout
     jobs = {}
@@ -269,7 +271,7 @@ def audit(stack: Stack, rec: Record, timeout: float) -> dict[str, Any]:
     agree = 0
     for i in range(2):
         with Client(stack.target(i), timeout=30) as fp:
-            until = time.monotonic() + 60
+            until = time.monotonic() + serve_timeout
             while fp.served().version != head.number and time.monotonic() < until:
                 time.sleep(0.5)
             served = fp.served()
