@@ -13,8 +13,10 @@ process is back (a server listening, a worker ready, Redis answering).
 
 The audit, once the load and the chaos have stopped and every process is up:
 
-* every acknowledged edit job is in a final state, SUCCEEDED, and committed exactly once: its
-  version's edits are the job's, no other version adds them, its commit key names that version;
+* every acknowledged edit job is in a final state: SUCCEEDED and committed exactly once (its
+  version's edits are the job's, no other version adds them, its commit key names that version)
+  or FAILED on purpose with its reason (a checked commit or the engine's guard refused it;
+  never retried, nothing written) — never DEAD, never still queued or running;
 * every acknowledged rollback's version has its target's edit list and tensor hashes;
 * both servers serve the head with live tensor hashes equal to the ledger's;
 * client errors inside and outside the fault windows.
@@ -47,6 +49,7 @@ import grpc
 from factpatch.client import Client, JobFailed
 from factpatch.ledger import Ledger
 from factpatch.queue import JobQueue, JobState
+from factpatch.rpc import pb
 from factpatch.store import EmbeddedRedis
 
 SUBJECTS = ["The Eiffel Tower", "Big Ben", "The Colosseum", "The Louvre", "Times Square"]
@@ -155,6 +158,10 @@ class Stack:
         return Ledger(client, self.name), JobQueue(client, self.name)
 
 
+class Refused(Exception):
+    """An edit job FAILED on purpose: a checked commit or the engine's guard refused it."""
+
+
 @dataclass
 class Record:
     """What the clients saw: every call (time, kind, status) and every acknowledgement."""
@@ -178,6 +185,8 @@ def client_loop(stack: Stack, seed: int, stop: threading.Event, rec: Record) -> 
             _one(fp, kind, subject, rng, rec)
         except grpc.RpcError as err:
             status = err.code().name
+        except Refused:
+            status = "REFUSED"  # an answer, not an error
         except (TimeoutError, ValueError) as err:  # a job watched past its deadline
             status = type(err).__name__
         with rec.lock:
@@ -205,8 +214,9 @@ def _one(fp: Client, kind: str, subject: str, rng: random.Random, rec: Record) -
         try:  # wait for it, as a person correcting a fact would (and the queue stays short)
             job.wait(timeout=600)
         except JobFailed as failed:
-            if not failed.job.error.startswith("checks refused"):
+            if failed.job.state != pb.FAILED:  # DEAD or CANCELLED: the service let it down
                 raise ValueError(failed.job.error) from failed
+            raise Refused(failed.job.error) from failed  # a checked commit or the guard said no
     elif kind == "rollback":
         head = fp.head().number
         to = rng.randrange(max(0, head - 5), head + 1)
@@ -252,8 +262,8 @@ def audit(stack: Any, rec: Record, timeout: float, serve_timeout: float = 60.0) 
     added_by = Counter(e for v in versions if v.cause["kind"] == "edit" for e in v.cause["edits"])
     problems: list[str] = []
     for job in jobs.values():
-        if job.state == JobState.FAILED and (job.error or "").startswith("checks refused"):
-            continue  # a refused commit is an outcome, not a loss (docs/checks.md)
+        if job.state == JobState.FAILED:
+            continue  # refused, with the reason, never retried: an outcome, not a loss
         if job.state != JobState.SUCCEEDED:
             problems.append(f"job {job.id}: {job.state.value} ({job.error})")
             continue
@@ -299,12 +309,13 @@ def error_rates(rec: Record, faults: list[dict[str, Any]], grace: float = 5.0) -
     out: dict[str, Any] = {}
     for name, pick in (("during_faults", True), ("outside_faults", False)):
         calls = [c for c in rec.calls if inside(c[0]) == pick]
-        failed = [c for c in calls if c[2] != "OK"]
+        failed = [c for c in calls if c[2] not in ("OK", "REFUSED")]
         out[name] = {
             "calls": len(calls),
             "errors": len(failed),
             "rate": round(len(failed) / len(calls), 4) if calls else None,
             "by_status": dict(Counter(c[2] for c in failed)),
+            "refused_edits": sum(c[2] == "REFUSED" for c in calls),
         }
     return out
 

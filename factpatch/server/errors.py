@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import redis
 
 from factpatch.auth import UnknownTokenError
 from factpatch.ledger import (
@@ -59,8 +60,8 @@ def status_for(err: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.ABORTED
     if isinstance(err, (LedgerMismatchError, CorruptBlobError)):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(err, Unavailable):
-        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(err, (Unavailable, redis.ConnectionError, redis.TimeoutError)):
+        return grpc.StatusCode.UNAVAILABLE  # Redis away (restarting): the client may retry
     if isinstance(err, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL
