@@ -64,18 +64,6 @@ def run(args: argparse.Namespace) -> dict:
         edits.append(delta.digest())
         earlier.append(Earlier(edits[-1], request))
     setup = time.perf_counter() - started
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    records = load_records(args.data)[: args.active + args.n]
-    # Protected facts the model states: known facts whose answer it ranks first, unedited.
-    known = [
-        {"prompt": k["prompt"], "ground_truth": k["attribute"], "id": str(k["known_id"])}
-        for k in json.loads(Path(args.known).read_text())
-    ]
-    if args.protected_from == "dataset":  # the dataset's answers, stated by the model or not
-        chosen = known[: args.protected]
-    else:
-        chosen = known_facts(handle, known, args.protected)
-    protected = [Protected(k["id"], k["prompt"], k["ground_truth"]) for k in chosen]
     hp = default_hparams(handle)
     checker = Checker(handle)
     rows = []
