@@ -7,14 +7,13 @@ import copy
 import dataclasses
 import json
 import random
-import threading
 import uuid
 
 import grpc
 import pytest
 import torch
 
-from factpatch.checks import CHECKS, DEFAULT_POLICY, FactChecks, parse_policy
+from factpatch.checks import CHECKS, DEFAULT_POLICY, FactChecks, format_policy, parse_policy
 from factpatch.checks.scoring import (
     EARLIER_SAMPLE,
     KEEP_TOLERANCE,
@@ -23,8 +22,7 @@ from factpatch.checks.scoring import (
     Protected,
     sample_earlier,
 )
-from factpatch.client import Client, JobFailed
-from factpatch.config import Settings
+from factpatch.client import JobFailed
 from factpatch.editing import EditRequest, apply_delta, compute_edit
 from factpatch.evaluation.generation import generate
 from factpatch.ledger import Ledger
@@ -33,13 +31,11 @@ from factpatch.ledger.snapshot import export, import_
 from factpatch.models.loading import tensor_sha256
 from factpatch.queue import JobQueue, JobState
 from factpatch.rpc import pb
-from factpatch.server import build_server
 from factpatch.store import connect
-from factpatch.worker import Worker
 from tests.conftest import TINY_ROME
 from tests.procs import Proc
 from tests.test_faults import start_server, worker
-from tests.test_service import PROMPT, TINY_HPARAMS, Stack
+from tests.test_service import PROMPT, TINY_HPARAMS, Stack, running_stack
 
 EIFFEL = PROMPT.format("The Eiffel Tower")
 
@@ -194,23 +190,8 @@ def test_protected_facts_are_stored_audited_and_kept_in_snapshots(ledger: Ledger
 @pytest.fixture
 def checked(tiny_llama, redis_url):
     """The service with the default check policy (edit=enforce, the rest warn)."""
-    name = f"chk-{uuid.uuid4().hex[:10]}"
-    redis_client = connect(redis_url)
-    ledger, queue = Ledger(redis_client, name), JobQueue(redis_client, name, heartbeat_ttl=2.0)
-    settings = Settings(ledger=name, port=0, http_port=0, poll_interval=0.2, drain_seconds=1.0)
-    server = build_server(tiny_llama, ledger, queue, settings)
-    worker_ = Worker(tiny_llama.clone(), ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
-    thread = threading.Thread(target=worker_.run, daemon=True)
-    server.start()
-    thread.start()
-    target = f"127.0.0.1:{server.port}"
-    client = Client(target, timeout=60)
-    client.wait_ready(30)
-    yield Stack(client, server, worker_, ledger, queue, target)
-    client.close()
-    worker_.stop()
-    server.stop(grace=0.5)
-    thread.join(timeout=10)
+    with running_stack(tiny_llama, redis_url, checks=format_policy(DEFAULT_POLICY)) as running:
+        yield running
 
 
 def _live(stack: Stack) -> dict[str, str]:

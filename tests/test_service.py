@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import uuid
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -49,30 +51,39 @@ class Stack:
     target: str
 
 
-@pytest.fixture
-def stack(tiny_llama, redis_url):
+@contextlib.contextmanager
+def running_stack(handle, redis_url: str, checks: str) -> Iterator[Stack]:
+    """A server and a worker (on a copy of ``handle``) for a fresh ledger, with this check
+    policy; stopped on exit."""
     name = f"svc-{uuid.uuid4().hex[:10]}"
     redis_client = connect(redis_url)
     ledger, queue = Ledger(redis_client, name), JobQueue(redis_client, name, heartbeat_ttl=2.0)
-    # Checks report but never refuse here: whether a tiny random model's edit overtakes its old
-    # answer is luck, and these tests are about the service (tests/test_checks.py: enforce).
     settings = Settings(
-        ledger=name, port=0, http_port=0, poll_interval=0.2, drain_seconds=1.0, checks="warn"
+        ledger=name, port=0, http_port=0, poll_interval=0.2, drain_seconds=1.0, checks=checks
     )
-    worker_handle = tiny_llama.clone()
-    server = build_server(tiny_llama, ledger, queue, settings)
-    worker = Worker(worker_handle, ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
+    server = build_server(handle, ledger, queue, settings)
+    worker = Worker(handle.clone(), ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
     thread = threading.Thread(target=worker.run, daemon=True)
     server.start()
     thread.start()
     target = f"127.0.0.1:{server.port}"
     client = Client(target, timeout=60)
     client.wait_ready(30)
-    yield Stack(client, server, worker, ledger, queue, target)
-    client.close()
-    worker.stop()
-    server.stop(grace=0.5)
-    thread.join(timeout=10)
+    try:
+        yield Stack(client, server, worker, ledger, queue, target)
+    finally:
+        client.close()
+        worker.stop()
+        server.stop(grace=0.5)
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def stack(tiny_llama, redis_url):
+    # Checks report but never refuse here: whether a tiny random model's edit overtakes its old
+    # answer is luck, and these tests are about the service (tests/test_checks.py: enforce).
+    with running_stack(tiny_llama, redis_url, checks="warn") as running:
+        yield running
 
 
 def test_edit_commits_changes_answers_and_rolls_back(stack: Stack, tiny_llama):
