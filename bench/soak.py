@@ -245,6 +245,16 @@ def chaos_loop(
         print(f"chaos: {role} killed and back in {time.time() - killed:.1f} s", flush=True)
 
 
+def refusal(error: str | None) -> str:
+    """Who refused a FAILED edit job: the engine's update-size guard or a checked commit."""
+    text = error or ""
+    if text.startswith("DegenerateEditError"):
+        return "guard"
+    if text.startswith("checks refused"):
+        return "checks"
+    return text[:60] or "unknown"
+
+
 def audit(stack: Any, rec: Record, timeout: float, serve_timeout: float = 60.0) -> dict[str, Any]:
     """Read back everything the clients were told (``stack``: anything with ``ledger()`` and
     ``target(i)`` for the two servers); ``problems`` lists each loss."""
@@ -292,6 +302,9 @@ def audit(stack: Any, rec: Record, timeout: float, serve_timeout: float = 60.0) 
     return {
         "acknowledged_jobs": len(jobs),
         "states": dict(Counter(j.state.value for j in jobs.values())),
+        "refused_by": dict(
+            Counter(refusal(j.error) for j in jobs.values() if j.state == JobState.FAILED)
+        ),
         "versions": len(versions),
         "rollbacks": len(rec.rollbacks),
         "replicas_agree": agree,
