@@ -241,6 +241,36 @@ def ensure_admin_token(data_dir: str | Path) -> str | None:
     return token
 
 
+class Denied(Exception):
+    """A call refused by :func:`authorize`: UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def authorize(store: TokenStore | None, header: str, scope: str | None) -> str:
+    """The caller's name if the ``Authorization`` header's bearer token has ``scope``
+    (``None``: open to all; ``store`` None: no authentication, the caller is anonymous).
+    The one check behind every protocol: gRPC (the interceptor), the OpenAI-compatible API and
+    the console's JSON API."""
+    if store is None or scope is None:
+        return "anonymous"
+    if not header.startswith("Bearer ") or not header[7:].strip():
+        raise Denied(
+            grpc.StatusCode.UNAUTHENTICATED, "authorization: a 'Bearer <token>' header is required"
+        )
+    token = store.authenticate(header[7:].strip())
+    if token is None:
+        raise Denied(grpc.StatusCode.UNAUTHENTICATED, "authorization: unknown token")
+    if not token.allows(scope):
+        raise Denied(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"authorization: token {token.name!r} lacks the {scope!r} scope",
+        )
+    return token.name
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticate, authorise by :data:`METHOD_SCOPES`, cap concurrent streams per caller, and
     make the caller's name the actor of whatever the RPC records."""
@@ -256,28 +286,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         scope = METHOD_SCOPES.get(details.method, _ADMIN)
-        actor = "anonymous"
-        if self.store is not None and scope is not None:
-            metadata = dict(details.invocation_metadata or ())
-            header = metadata.get("authorization", "")
-            if not header.startswith("Bearer ") or not header[7:].strip():
-                return _deny(
-                    handler,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "authorization: a 'Bearer <token>' header is required",
-                )
-            token = self.store.authenticate(header[7:].strip())
-            if token is None:
-                return _deny(
-                    handler, grpc.StatusCode.UNAUTHENTICATED, "authorization: unknown token"
-                )
-            if not token.allows(scope):
-                return _deny(
-                    handler,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"authorization: token {token.name!r} lacks the {scope!r} scope",
-                )
-            actor = token.name
+        metadata = dict(details.invocation_metadata or ())
+        header = metadata.get("authorization", "")
+        try:
+            actor = authorize(self.store, header, scope)
+        except Denied as err:
+            return _deny(handler, err.code, err.message)
         presented = header[7:].strip() if self.store is not None and scope is not None else None
         if handler.unary_unary:
             return handler._replace(unary_unary=_as(actor, handler.unary_unary))

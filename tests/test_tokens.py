@@ -3,7 +3,9 @@ in force on every server within a second, streams included.  Two real servers, r
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 import uuid
 
 import grpc
@@ -138,3 +140,36 @@ def test_only_admins_manage_tokens_and_the_cli_does_it(two_servers, capsys):
     assert [t["name"] for t in json.loads(capsys.readouterr().out)] == ["reader", "ci"]
     assert main([*cli, "revoke", "ci"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "ci"
+
+
+def test_an_http_stream_ends_at_its_next_chunk_once_its_token_is_revoked(tiny_llama, redis_url):
+    name = f"tok-{uuid.uuid4().hex[:8]}"
+    client = connect(redis_url)
+    ledger, queue = Ledger(client, name), JobQueue(client, name)
+    settings = Settings(ledger=name, port=0, http_port=0, poll_interval=0.2)
+    server = build_server(tiny_llama, ledger, queue, settings, auth=bootstrap()).start()
+    issued = IssuedTokens(ledger.redis, name)
+    token = issued.add("alice", ["infer"], actor="ops")
+    until(lambda: server.frontend.tokens.current != [])  # the server's refresh tick saw it
+    # Each forward pass takes ≥ 50 ms, so the 48-token stream is still running when the token
+    # goes (the server re-reads the issued tokens every 0.2 s).
+    slow = tiny_llama.model.register_forward_hook(lambda *_: time.sleep(0.05))
+    body = {"model": tiny_llama.name, "prompt": "Big Ben is in", "max_tokens": 48, "stream": True}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/v1/completions",
+        data=json.dumps(body | {"temperature": 0}).encode(),
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as res:
+            assert res.readline().startswith(b"data: {")  # the stream is open
+            issued.revoke("alice", actor="ops")
+            rest = res.read().decode()
+    finally:
+        slow.remove()
+        server.stop(grace=0.5)
+    events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "invalid_api_key"
+    assert events[-1]["error"]["message"] == "authorization: unknown token"
+    assert "[DONE]" not in rest
+    assert len([e for e in events if "choices" in e]) < 47  # it ended early

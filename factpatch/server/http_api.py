@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
 
+import grpc
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from factpatch import metrics
-from factpatch.auth import TokenStore
+from factpatch.auth import Denied, TokenStore, authorize
 from factpatch.ledger import UnknownVersionError
 from factpatch.runtime import Generation, Sampling, StreamEvent, TokenLogprob, complete, stream_all
 from factpatch.server.errors import DeadlineExceeded, LimitExceeded, Unavailable
@@ -186,28 +187,18 @@ class OpenAIApi:
     # -- shared ------------------------------------------------------------------------------
 
     def caller(self, request: Request) -> str:
-        if self.auth is None:
-            return "anonymous"
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or not header[7:].strip():
-            raise ApiError(
-                401,
-                "authorization: a 'Bearer <token>' header is required",
-                None,
-                "invalid_api_key",
-            )
-        token = self.auth.authenticate(header[7:].strip())
-        if token is None:
-            raise ApiError(401, "authorization: unknown token", None, "invalid_api_key")
-        if not token.allows("infer"):
-            raise ApiError(
-                403,
-                f"authorization: token {token.name!r} lacks the 'infer' scope",
-                None,
-                "insufficient_scope",
-                "permission_error",
-            )
-        return token.name
+        return self.recheck(request.headers.get("authorization", ""))
+
+    def recheck(self, header: str) -> str:
+        """The caller, if the token in ``header`` is (still) valid with the infer scope; a
+        stream calls it before each chunk, so a token revoked mid-stream ends the stream."""
+        try:
+            return authorize(self.auth, header, "infer")
+        except Denied as err:
+            if err.code == grpc.StatusCode.UNAUTHENTICATED:
+                raise ApiError(401, err.message, None, "invalid_api_key") from err
+            scope = "insufficient_scope"
+            raise ApiError(403, err.message, None, scope, "permission_error") from err
 
     def fingerprint(self, version: int) -> str:
         if version not in self._fingerprints:  # versions never change once committed
@@ -529,7 +520,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
-        body: CompletionBody, _caller: str = Depends(api.caller)
+        body: CompletionBody, request: Request, _caller: str = Depends(api.caller)
     ) -> JSONResponse | StreamingResponse:
         prompts, samplings = api.completions(body)
         started = time.perf_counter()
@@ -552,12 +543,15 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                     version, [choice(index, event.text, event.logprobs, event.finish_reason)]
                 )
 
-            return await stream_response("completions", prompts, samplings, body, started, chunk)
+            header = request.headers.get("authorization", "")
+            return await stream_response(
+                "completions", prompts, samplings, body, started, chunk, header
+            )
         return await whole("completions", body, prompts, samplings, started, wrap, choice)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(
-        body: ChatBody, _caller: str = Depends(api.caller)
+        body: ChatBody, request: Request, _caller: str = Depends(api.caller)
     ) -> JSONResponse | StreamingResponse:
         prompts, samplings = api.chat(body)
         started = time.perf_counter()
@@ -585,7 +579,8 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                 out = wrap(version, [{"index": index, "delta": delta, **one}])
                 return out | {"object": "chat.completion.chunk"}
 
-            return await stream_response("chat", prompts, samplings, body, started, chunk)
+            header = request.headers.get("authorization", "")
+            return await stream_response("chat", prompts, samplings, body, started, chunk, header)
         return await whole("chat", body, prompts, samplings, started, wrap, choice)
 
     def record(results: list[Generation], route: str, started: float) -> None:
@@ -599,6 +594,7 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
         body: _Body,
         started: float,
         chunk: Callable[[int, int, StreamEvent], dict[str, Any]],
+        header: str,
     ) -> StreamingResponse:
         events = api.events(body.model, prompts, samplings)
         # The first event before the headers: its version goes into x-factpatch-version, and a
@@ -626,20 +622,14 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
                         )
                         first_text = False
                     if event.text or event.finish_reason:
+                        api.recheck(header)  # revoked mid-stream: the error event, the end
                         yield _sse(chunk(version, index, event))
                     item = next(events, None)
             except (ApiError, DeadlineExceeded) as err:
-                message = err.message if isinstance(err, ApiError) else str(err)
-                yield _sse(
-                    {
-                        "error": {
-                            "message": message,
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
+                if not isinstance(err, ApiError):
+                    err = ApiError(504, str(err), None, None, "server_error")
+                detail = {"message": err.message, "type": err.kind, "param": None, "code": err.code}
+                yield _sse({"error": detail})
                 return
             finally:
                 events.close()  # type: ignore[attr-defined]
