@@ -58,6 +58,8 @@ METHOD_SCOPES: dict[str, str | None] = {
             "GetVersion",
             "WatchHead",
             "GetServed",
+            "ListReplicas",
+            "GetEdit",
             "ListProtected",
         )
     },

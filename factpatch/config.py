@@ -47,6 +47,13 @@ OPTIONS: tuple[Option, ...] = (
         ("server", "up"),
     ),
     Option("no-http", bool, False, "do not serve the OpenAI-compatible HTTP API", ("server", "up")),
+    Option(
+        "no-console",
+        bool,
+        False,
+        "do not serve the web console (/console) and its JSON API (/api/v1) on the HTTP port",
+        ("server", "up"),
+    ),
     Option("metrics-port", int, 9400, "Prometheus /metrics port (0: off)"),
     Option("poll-interval", float, 1.0, "seconds between ledger head checks"),
     Option("drain-seconds", float, 10.0, "on SIGTERM: seconds to finish running requests"),
@@ -135,6 +142,7 @@ class Settings:
     port: int = 50051
     http_port: int = 8000
     no_http: bool = False
+    no_console: bool = False
     metrics_port: int = 9400
     poll_interval: float = 1.0
     drain_seconds: float = 10.0

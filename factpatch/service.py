@@ -122,7 +122,10 @@ def run_server(settings: Settings) -> int:
     _metrics(settings, "server", handle, server.frontend.replica, queue)
     print(f"factpatch server listening on {settings.host}:{server.port}", flush=True)
     if server.http_port is not None:
-        print(f"OpenAI-compatible HTTP at {_http_url(settings, server.http_port)}", flush=True)
+        url = _http_url(settings, server.http_port)
+        print(f"OpenAI-compatible HTTP at {url}", flush=True)
+        if not settings.no_console:
+            print(f"Web console at {url.removesuffix('/v1')}/console", flush=True)
     _on_signal(server.stop)
     server.wait()
     return 0
@@ -240,6 +243,10 @@ def _banner(
     http, ask = "", ""
     if http_url:
         http = f"\nOpenAI-compatible HTTP at {http_url}"
+        if not settings.no_console:
+            console = http_url.removesuffix("/v1") + "/console"
+            sign_in = "" if settings.insecure_no_auth else " (sign in with the admin token below)"
+            http += f"\nWeb console at {console}{sign_in}"
         bearer = (
             ""
             if settings.insecure_no_auth

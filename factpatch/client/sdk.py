@@ -231,6 +231,14 @@ class Client:
         """What this server's replica serves: version, readiness, live tensor hashes."""
         return self._call(self.ledger.GetServed, pb.GetServedRequest())
 
+    def replicas(self) -> list[pb.ReplicaStatus]:
+        """Every live server's replica: the version it serves, readiness, its last report."""
+        return list(self._call(self.ledger.ListReplicas, pb.ListReplicasRequest()).replicas)
+
+    def edit_info(self, edit_id: str) -> pb.EditInfo:
+        """One edit's facts (``requests_json``), method, who and when."""
+        return self._call(self.ledger.GetEdit, pb.GetEditRequest(edit_id=edit_id))
+
     def protect(self, prompt: str, answer: str) -> pb.ProtectedFact:
         """Protect ``answer`` after ``prompt`` from every later edit (admin)."""
         request = pb.ProtectedFact(prompt=prompt, answer=answer)

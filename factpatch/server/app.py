@@ -12,9 +12,12 @@ RPCs, give running ones ``drain_seconds``, stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ from factpatch import metrics
 from factpatch.auth import AuthInterceptor, TokenStore
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
+from factpatch.ledger.replicas import ReplicaStatus
 from factpatch.models.loading import ModelHandle
 from factpatch.queue import JobQueue
 from factpatch.runtime import Batcher, Replica
@@ -70,9 +74,16 @@ class Server:
         log.info("serving version %d on port %d", self.frontend.replica.version, self.port)
         return self
 
+    @property
+    def name(self) -> str:
+        """How this server is listed among the replicas: host:gRPC port."""
+        return f"{socket.gethostname()}:{self.port}"
+
     def _watch_health(self) -> None:
         """Every 0.2 s: the health status, and the issued tokens (a change made through any
-        server is in force here within a second)."""
+        server is in force here within a second); every second, this replica's version on the
+        replica board (factpatch/ledger/replicas.py)."""
+        reported = 0.0
         while not self._stop.is_set():
             ok = self.frontend.replica.ready and not self.frontend.draining
             status = SERVING if ok else NOT_SERVING
@@ -80,9 +91,23 @@ class Server:
                 self.health.set(name, status)
             try:
                 self.frontend.tokens.refresh()
+                if time.monotonic() - reported >= 1.0:
+                    self.frontend.replicas.report(self._status())
+                    reported = time.monotonic()
             except (redis.RedisError, ConnectionError) as err:  # keep the last known tokens
-                log.warning("tokens: Redis unreachable (%s); keeping the last known set", err)
+                log.warning("Redis unreachable (%s); keeping the last known tokens", err)
             self._stop.wait(0.2)
+
+    def _status(self) -> ReplicaStatus:
+        replica = self.frontend.replica
+        return ReplicaStatus(
+            server=self.name,
+            version=replica.version,
+            ready=replica.ready and not self.frontend.draining,
+            fault=replica.fault or ("draining" if self.frontend.draining else ""),
+            seen=time.time(),
+            gate=replica.gate,
+        )
 
     @property
     def serving(self) -> bool:
@@ -98,6 +123,10 @@ class Server:
         if self.http is not None:  # new HTTP requests are refused (503) since draining began
             self.http.stop()
         self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        with contextlib.suppress(redis.RedisError, ConnectionError):  # else listed for 10 s
+            self.frontend.replicas.remove(self.name)
         if self.frontend.replica.batcher is not None:
             self.frontend.replica.batcher.stop()
         self.frontend.replica.stop()

@@ -39,6 +39,7 @@ from factpatch import metrics
 from factpatch.auth import Denied, TokenStore, authorize
 from factpatch.ledger import UnknownVersionError
 from factpatch.runtime import Generation, Sampling, StreamEvent, TokenLogprob, complete, stream_all
+from factpatch.server import console, gateway
 from factpatch.server.errors import DeadlineExceeded, LimitExceeded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -654,6 +655,9 @@ def build_app(fe: Any, auth: TokenStore | None) -> FastAPI:
             _drain(lines()), media_type="text/event-stream", headers=headers(version)
         )
 
+    if not fe.settings.no_console:
+        gateway.add_routes(app, fe, auth)
+        console.add_routes(app)
     return app
 
 

@@ -26,6 +26,7 @@ from factpatch.editing import EditRequest, InvalidEditError, check_method
 from factpatch.editing.prompts import continuation, encode
 from factpatch.ledger import Ledger, Version
 from factpatch.ledger.protected import ProtectedFact, ProtectedFacts
+from factpatch.ledger.replicas import ReplicaBoard
 from factpatch.ledger.writer import LedgerWriter
 from factpatch.models.loading import tensor_sha256
 from factpatch.queue import Job, JobQueue, JobState
@@ -50,6 +51,7 @@ class Frontend:
         self.policy = parse_policy(self.settings.checks, where="checks")  # checked commits
         self.protected = ProtectedFacts(self.ledger)
         self.tokens = IssuedTokens(self.ledger.redis, self.ledger.name)  # auth.py
+        self.replicas = ReplicaBoard(self.ledger)  # which version each replica serves
 
     def serving(self) -> Replica:
         if self.draining:
@@ -329,6 +331,36 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             model=replica.handle.name,
             base_hash=replica.handle.base_hash,
             gate=replica.gate,
+        )
+
+    @rpc
+    def ListReplicas(self, request: Any, context: Any) -> pb.ListReplicasResponse:
+        return pb.ListReplicasResponse(
+            replicas=[
+                pb.ReplicaStatus(
+                    server=r.server,
+                    version=r.version,
+                    ready=r.ready,
+                    fault=r.fault,
+                    seen=r.seen,
+                    gate=r.gate,
+                )
+                for r in self.fe.replicas.list()
+            ]
+        )
+
+    @rpc
+    def GetEdit(self, request: pb.GetEditRequest, context: Any) -> pb.EditInfo:
+        if not request.edit_id:
+            raise ValueError("edit_id: must be non-empty")
+        record = self.fe.ledger.edit(request.edit_id)
+        return pb.EditInfo(
+            id=record.id,
+            requests_json=json.dumps(record.requests),
+            computed_on=record.computed_on,
+            method=record.method,
+            actor=record.actor,
+            created=record.created,
         )
 
     @rpc
