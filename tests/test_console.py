@@ -329,6 +329,47 @@ def test_an_admin_corrects_asks_locates_and_rolls_back_in_the_page(console, brow
     assert errors == []
 
 
+def test_an_editor_uploads_a_batch_and_an_admin_reverts_it_in_the_page(console, browser, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    batch = [
+        {"prompt": PROMPT, "subject": SUBJECT, "target": TARGET},
+        {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target": "soccer"},
+    ]
+    facts.write_text("".join(json.dumps(f) + "\n" for f in batch))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(batch[0]) + "\n{not json\n")
+
+    editor = browser.new_page()
+    _sign_in(editor, console.url, "editor")
+    editor.wait_for_selector("#versions tr[data-version='0']")
+    assert editor.locator("button.rollback, button.revert").count() == 0  # undo needs admin
+    editor.click("button[data-view=correct]")
+    editor.set_input_files("#batch-file", str(broken))
+    editor.click("#batch-form button")
+    editor.wait_for_selector("#edit-error:text('line 2: not JSON')")
+    assert console.server.frontend.queue.list(limit=10) == []  # nothing was sent
+    editor.set_input_files("#batch-file", str(facts))
+    editor.click("#batch-form button")
+    editor.wait_for_selector("text=committed as version 1", timeout=180_000)
+    (edit_id,) = console.ledger.get(1).edits
+    assert console.ledger.delta(edit_id).provenance["method"] == "memit"
+
+    admin = browser.new_page()
+    _sign_in(admin, console.url, "root")
+    row = admin.wait_for_selector("#versions tr[data-version='1']")
+    text = row.inner_text()
+    assert "Michael Jordan plays the sport of → soccer" in text and "editor" in text
+    admin.click(f"#versions tr[data-version='1'] button.revert[data-edit='{edit_id}']")
+    admin.wait_for_selector("#confirm:not([hidden])")
+    listed = admin.inner_text("#confirm")
+    assert "removed: Michael Jordan plays the sport of → soccer" in listed
+    assert f"removed: {SUBJECT} is located in the city of → {TARGET}" in listed
+    admin.click("#confirm-yes")
+    row = admin.wait_for_selector("#versions tr[data-version='2']", timeout=30_000)
+    assert "revert" in row.inner_text()
+    assert console.ledger.get(2).edits == () and console.ledger.get(2).cause["kind"] == "revert"
+
+
 def test_a_reader_sees_no_write_controls_and_a_forged_write_is_refused(console, browser):
     page = browser.new_page()
     _sign_in(page, console.url, "reader")
