@@ -332,6 +332,10 @@ def test_trace_dataset_averages_every_kind(tiny_llama):
         assert average.matrix.shape == (6, 4) and average.kept == [0, 1, 2]
         assert average.counts[0] == 3 and average.counts[5] == 3
         assert 0 <= average.peak_layer() < 4
+    # The first K traced facts: it stops reading once K are kept.
+    averages, summary = trace_dataset(tiny_llama, facts, only_known=False, max_kept=2, **FAST)
+    assert summary["n_total"] == 2 and summary["n_kept"] == 2
+    assert all(a.kept == [0, 1] for a in averages.values())
 
 
 @pytest.fixture

@@ -38,6 +38,9 @@ def add_trace_parser(subparsers: Any) -> None:
     trace.add_argument("--dataset", help="known-facts JSON: average over its facts (figure 2)")
     trace.add_argument("--n", type=int, help="--dataset: the first N records")
     trace.add_argument(
+        "--known", type=int, help="--dataset: stop after K traced facts (the first K known)"
+    )
+    trace.add_argument(
         "--include-unknown", action="store_true", help="--dataset: also facts the model gets wrong"
     )
     trace.add_argument("--quiet", action="store_true", help="--dataset: no per-fact progress")
@@ -107,6 +110,7 @@ def _dataset(args: argparse.Namespace, kinds: list[str]) -> int:
         kinds,
         only_known=not args.include_unknown,
         progress=None if args.quiet else stderr_progress,
+        max_kept=args.known,
         samples=args.samples,
         window=args.window,
         noise=args.noise,

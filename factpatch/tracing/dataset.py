@@ -170,15 +170,21 @@ def trace_dataset(
     kinds: Sequence[str] = KINDS,
     only_known: bool = True,
     progress: Callable[[str], None] | None = None,
+    max_kept: int | None = None,
     **trace_args: Any,
 ) -> tuple[dict[str, AverageResult] | None, dict[str, Any]]:
     """Trace every fact the model knows (every fact if ``only_known`` is False) for ``kinds``
-    and average by token class.  Returns the averages (None if no fact was kept) and a summary
-    with the counts and timings."""
+    and average by token class; with ``max_kept``, stop once that many facts are traced (the
+    first K known facts).  Returns the averages (None if no fact was kept) and a summary with
+    the counts (``n_total``: the facts read) and timings."""
     began = time.perf_counter()
     traces: dict[str, list[TraceResult]] = {kind: [] for kind in kinds}
     kept: list[int] = []
+    read = 0
     for i, fact in enumerate(facts):
+        if max_kept is not None and len(kept) >= max_kept:
+            break
+        read = i + 1
         if only_known and not knows(handle, fact):
             continue
         results = trace_kinds(
@@ -190,14 +196,14 @@ def trace_dataset(
         if progress:
             progress(f"[{i + 1}/{len(facts)}] kept {len(kept)}: {fact.prompt} -> {fact.attribute}")
     summary = {
-        "n_total": len(facts),
+        "n_total": read,
         "n_kept": len(kept),
         "only_known": only_known,
         "seconds": round(time.perf_counter() - began, 1),
     }
     if not kept:
         return None, summary
-    averages = {kind: average_traces(traces[kind], len(facts), kept) for kind in kinds}
+    averages = {kind: average_traces(traces[kind], read, kept) for kind in kinds}
     return averages, summary
 
 
