@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from factpatch.cli import main
 from factpatch.client import Client
 from factpatch.config import Settings
 from factpatch.ledger import Ledger
@@ -398,7 +399,7 @@ def test_a_reader_sees_no_write_controls_and_a_forged_write_is_refused(console, 
 # ----------------------------------------------------------------------------- the replica board
 
 
-def test_the_replica_board_lists_live_servers_and_drops_silent_ones(tiny_llama, redis_url):
+def test_the_replica_board_lists_live_servers_and_drops_silent_ones(tiny_llama, redis_url, capsys):
     name = f"board-{uuid.uuid4().hex[:8]}"
     client = connect(redis_url)
     ledger, queue = Ledger(client, name), JobQueue(client, name)
@@ -415,6 +416,10 @@ def test_the_replica_board_lists_live_servers_and_drops_silent_ones(tiny_llama, 
         listed = {r.server: r for r in sdk.replicas()}
         assert set(listed) == {s.name for s in servers}
         assert all(r.version == 0 and r.ready for r in listed.values())
+        target = ["--target", f"127.0.0.1:{servers[1].port}", "--token", TOKENS["reader"]]
+        assert main(["client", *target, "replicas", "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert sorted(r["server"] for r in printed) == sorted(listed)
         servers[1].stop(grace=0.5)  # a stopped server takes itself off the board
         assert [r.server for r in sdk.replicas()] == [servers[0].name]
     finally:

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,15 @@ def cmd_client(args: argparse.Namespace) -> int:
         text = f"version {change.version.number}: without {args.edit_id[:16]}" + "".join(
             f"\n  note: {e[:16]} was computed on a model containing it" for e in change.tainted
         )
+    elif args.verb == "replicas":
+        replicas = client.replicas()
+        out = [_dict(r) for r in replicas]
+        now = time.time()
+        text = "\n".join(
+            f"{r.server}  v{r.version}  {'ready' if r.ready else 'NOT READY ' + r.fault}  "
+            f"reported {now - r.seen:.0f} s ago"
+            for r in replicas
+        )
     elif args.verb == "jobs":
         jobs = client.jobs(args.kind, args.limit)
         out = [_dict(j) for j in jobs]
@@ -341,6 +351,7 @@ def add_client_parser(sub: Any) -> None:
     protect.add_argument("--prompt", help="add: the full prompt")
     protect.add_argument("--answer", help="add: the expected continuation")
     protect.add_argument("--id", help="remove: the fact's id (from list)")
+    verb("replicas", help="every live server: the version its replica serves")
     jobs = verb("jobs", help="recent jobs")
     jobs.add_argument("--kind", default="")
     jobs.add_argument("--limit", type=int, default=20)
