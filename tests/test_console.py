@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,9 +29,8 @@ from factpatch.ledger.replicas import FORGET_AFTER, STALE_AFTER, ReplicaBoard, R
 from factpatch.queue import JobQueue
 from factpatch.server import build_server
 from factpatch.store import connect
-from factpatch.worker import Worker
 from tests.test_auth import TOKENS, store
-from tests.test_service import PROMPT, TINY_HPARAMS
+from tests.test_service import PROMPT, running_stack
 
 CHROMIUM = "/usr/bin/chromium"
 SUBJECT, TARGET = "The Eiffel Tower", "Rome"
@@ -45,28 +43,10 @@ class Console:
     server: Any
 
 
-def _stack(tiny_llama: Any, redis_url: str, **settings: Any) -> Any:
-    name = f"console-{uuid.uuid4().hex[:8]}"
-    client = connect(redis_url)
-    ledger, queue = Ledger(client, name), JobQueue(client, name, heartbeat_ttl=2.0)
-    config = Settings(ledger=name, port=0, http_port=0, poll_interval=0.2, **settings)
-    server = build_server(tiny_llama, ledger, queue, config, auth=store()).start()
-    worker = Worker(tiny_llama.clone(), ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    return server, worker, thread, ledger
-
-
 @pytest.fixture
 def console(tiny_llama, redis_url):
-    server, worker, thread, ledger = _stack(tiny_llama, redis_url, checks="warn")
-    deadline = time.monotonic() + 30
-    while not server.serving and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield Console(f"http://127.0.0.1:{server.http_port}", ledger, server)
-    worker.stop()
-    server.stop(grace=0.5)
-    thread.join(timeout=10)
+    with running_stack(tiny_llama, redis_url, "warn", auth=store()) as stack:
+        yield Console(f"http://127.0.0.1:{stack.server.http_port}", stack.ledger, stack.server)
 
 
 def call(
@@ -197,9 +177,8 @@ def test_the_json_api_names_the_field_of_bad_input(console):
 
 def test_the_console_is_served_with_a_strict_policy_and_can_be_turned_off(tiny_llama, redis_url):
     for no_console in (False, True):
-        server, worker, thread, _ = _stack(tiny_llama, redis_url, no_console=no_console)
-        base = f"http://127.0.0.1:{server.http_port}"
-        try:
+        with running_stack(tiny_llama, redis_url, "warn", store(), no_console=no_console) as stack:
+            base = f"http://127.0.0.1:{stack.server.http_port}"
             if no_console:
                 for path in ("/console", "/api/v1/session"):
                     with pytest.raises(urllib.error.HTTPError) as err:
@@ -213,10 +192,6 @@ def test_the_console_is_served_with_a_strict_policy_and_can_be_turned_off(tiny_l
             assert "/console/static/console.js" in page and "http" not in page.split("<body")[1]
             with urllib.request.urlopen(base + "/console/static/console.js", timeout=30) as res:
                 assert "api/v1/" in res.read().decode()
-        finally:
-            worker.stop()
-            server.stop(grace=0.5)
-            thread.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------- the page

@@ -12,11 +12,13 @@ import textwrap
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from factpatch.auth import TokenStore
 from factpatch.client import Client, JobFailed
 from factpatch.config import Settings
 from factpatch.editing import apply_delta
@@ -52,16 +54,24 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(handle, redis_url: str, checks: str) -> Iterator[Stack]:
+def running_stack(
+    handle, redis_url: str, checks: str, auth: TokenStore | None = None, **settings: Any
+) -> Iterator[Stack]:
     """A server and a worker (on a copy of ``handle``) for a fresh ledger, with this check
-    policy; stopped on exit."""
+    policy, these tokens (None: no authentication) and any other settings; stopped on exit."""
     name = f"svc-{uuid.uuid4().hex[:10]}"
     redis_client = connect(redis_url)
     ledger, queue = Ledger(redis_client, name), JobQueue(redis_client, name, heartbeat_ttl=2.0)
-    settings = Settings(
-        ledger=name, port=0, http_port=0, poll_interval=0.2, drain_seconds=1.0, checks=checks
+    config = Settings(
+        ledger=name,
+        port=0,
+        http_port=0,
+        poll_interval=0.2,
+        drain_seconds=1.0,
+        checks=checks,
+        **settings,
     )
-    server = build_server(handle, ledger, queue, settings)
+    server = build_server(handle, ledger, queue, config, auth=auth)
     worker = Worker(handle.clone(), ledger, queue, "w1", 0.2, hparams=TINY_HPARAMS)
     thread = threading.Thread(target=worker.run, daemon=True)
     server.start()
